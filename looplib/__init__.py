@@ -1,0 +1,1 @@
+"""looplib: a pure, composable training loop for PyTorch."""
