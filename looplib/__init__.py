@@ -1,1 +1,44 @@
-"""looplib: a pure, composable training loop for PyTorch."""
+"""looplib: a pure, composable training loop for PyTorch.
+
+Training is a fold over batches. Each step is a pure function ``(state, batch) -> state``, built
+by composing transformers, and the whole training state is one pytree.
+
+>>> import looplib as ll
+>>> sorted(ll.TrainState._fields)
+['buffers', 'metrics', 'opt_state', 'params', 'slots', 'step']
+"""
+
+from . import optim
+from ._accumulate import AccumulateState, accumulate
+from ._clip import clip, clip_by_global_norm
+from ._fold import fold, scan
+from ._step import LossOutput, Step, init, sample_count, train_step
+from ._tbptt import split_time, tbptt_split
+from ._track import track_norm
+from ._transform import Transformer, chain
+from ._types import Optimizer, TrainState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccumulateState",
+    "LossOutput",
+    "Optimizer",
+    "Step",
+    "TrainState",
+    "Transformer",
+    "__version__",
+    "accumulate",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "fold",
+    "init",
+    "optim",
+    "sample_count",
+    "scan",
+    "split_time",
+    "tbptt_split",
+    "track_norm",
+    "train_step",
+]

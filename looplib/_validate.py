@@ -78,7 +78,9 @@ def positive(func: str, arg: str, value: Any, *, allow_inf: bool = False) -> flo
     return x
 
 
-def in_range(func: str, arg: str, value: Any, low: float, high: float, *, closed: str = "[]") -> float:
+def in_range(
+    func: str, arg: str, value: Any, low: float, high: float, *, closed: str = "[]"
+) -> float:
     """A real number in an interval; ``closed`` says which ends are included ("[]", "[)", "()")."""
     rule = f"must be a real number in {closed[0]}{low}, {high}{closed[1]}"
     x = real(func, arg, value, rule)

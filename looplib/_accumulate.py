@@ -1,0 +1,129 @@
+"""``accumulate``: sum K micro-batches' gradients, weighted by their sizes, into one update."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from . import _validate as v
+from ._step import ApplyFn, Stage
+from ._transform import Transformer, stage_transformer
+from ._tree import zeros_like
+from ._types import Params, Tensor, TrainState
+
+SLOT = "accumulate"
+PARTIAL_POLICIES = ("step", "drop", "carry")
+
+
+class AccumulateState(NamedTuple):
+    """The ``accumulate`` slot: micro-batches seen in the open window, their total weight, and
+    the weighted sum of their gradients."""
+
+    count: Tensor
+    weight: Tensor
+    grads: Params
+
+
+def _empty(params: Params, device: torch.device) -> AccumulateState:
+    return AccumulateState(
+        count=torch.zeros((), dtype=torch.int64, device=device),
+        weight=torch.zeros((), dtype=torch.float32, device=device),
+        grads=zeros_like(params),
+    )
+
+
+def _select(pred: Tensor, if_true: TrainState, if_false: TrainState) -> TrainState:
+    """Leafwise ``torch.where``: a branch without a host sync, for compiled steps."""
+    return optree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
+
+
+def _mean(acc: Params, total: Tensor) -> Params:
+    values = list(acc.values())
+    return dict(zip(acc.keys(), torch._foreach_div(values, total) if values else [], strict=True))
+
+
+def accumulate(k: int, *, partial: str = "step") -> Transformer:
+    """Accumulate the gradients of ``k`` micro-batches into one optimizer update.
+
+    Each micro-batch's gradient ``g_i`` (of its mean loss) is summed weighted by its weight
+    ``n_i`` (its sample count, or what the loss returns as ``LossOutput(weight=...)``), and the
+    sum is divided once, when the window closes::
+
+        g = (n_1 g_1 + ... + n_k g_k) / (n_1 + ... + n_k)
+
+    so ``k`` micro-batches of any sizes give the update of one step on their concatenation (for
+    mean-reduced losses); with equal sizes this is the classic ``loss / k``. During the first
+    ``k - 1`` micro-batches the params, the optimizer state, ``state.step`` and any schedule stay
+    put. ``accumulate(1)`` is the identity.
+
+    A window still open when the data ends is handled by ``step.flush(state)`` (``ll.fit`` calls
+    it at the end of every epoch) according to ``partial``:
+
+    * ``"step"`` (default): apply it, averaged over the samples it actually holds (never scaled
+      by ``r / k``);
+    * ``"drop"``: discard it;
+    * ``"carry"``: keep it open, so the next epoch's first micro-batches complete it.
+
+    Args:
+        k: micro-batches per update, a positive int.
+        partial: the end-of-data policy, one of ``"step"``, ``"drop"``, ``"carry"``.
+
+    Returns:
+        a transformer owning the slot ``state.slots["accumulate"]`` (an :class:`AccumulateState`).
+
+    Example:
+        >>> import looplib as ll
+        >>> ll.accumulate(4)
+        accumulate(4)
+    """
+    k = v.positive_int("accumulate", "k", k)
+    v.one_of("accumulate", "partial", partial, PARTIAL_POLICIES)
+    name = f"accumulate({k})" if partial == "step" else f"accumulate({k}, partial={partial!r})"
+    if k == 1:
+        return stage_transformer(Stage(name, lambda inner: inner))
+
+    def init(state: TrainState) -> TrainState:
+        if SLOT in state.slots:
+            return state
+        slot = _empty(state.params, state.step.device)
+        return state._replace(slots={**state.slots, SLOT: slot})
+
+    def close(state: TrainState, slot: AccumulateState, inner: ApplyFn) -> TrainState:
+        """Apply the window's mean gradient and reset the window."""
+        fresh = _empty(slot.grads, slot.count.device)
+        state = state._replace(slots={**state.slots, SLOT: fresh})
+        return inner(state, _mean(slot.grads, slot.weight), slot.weight)
+
+    def wrap(inner: ApplyFn) -> ApplyFn:
+        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
+            slot: AccumulateState = state.slots[SLOT]
+            values = list(grads.values())
+            weighted = torch._foreach_mul(values, weight) if values else []
+            summed = torch._foreach_add(list(slot.grads.values()), weighted) if values else []
+            slot = AccumulateState(
+                count=slot.count + 1,
+                weight=slot.weight + weight,
+                grads=dict(zip(grads.keys(), summed, strict=True)),
+            )
+            full = slot.count >= k
+            held = state._replace(slots={**state.slots, SLOT: slot})
+            if torch.compiler.is_compiling():
+                return _select(full, close(state, slot, inner), held)
+            if bool(full):
+                return close(state, slot, inner)
+            return held
+
+        return apply
+
+    def flush(state: TrainState, inner: ApplyFn) -> TrainState:
+        slot: AccumulateState = state.slots[SLOT]
+        if partial == "carry" or not bool(slot.count > 0):
+            return state
+        if partial == "drop":
+            fresh = _empty(slot.grads, slot.count.device)
+            return state._replace(slots={**state.slots, SLOT: fresh})
+        return close(state, slot, inner)
+
+    return stage_transformer(Stage(name, wrap, init=init, flush=flush, slot=SLOT))

@@ -1,0 +1,453 @@
+"""The pure training step: ``(state, batch) -> state``.
+
+A :class:`Step` is made by :func:`train_step` and reshaped by transformers. It has three parts,
+each a pure function, and its call threads one batch through them::
+
+    def step(state, batch):
+        state = step.init(state)                       # add transformer slots (idempotent)
+        for chunk, carry in split(batch):              # one chunk unless tbptt_split is used
+            grads, weight, metrics, buffers, carry = gradient(state, chunk, carry)
+            state = apply(state._replace(buffers=buffers), grads, weight)
+        return state._replace(metrics=state.metrics | metrics)
+
+``gradient`` runs the loss on the state's params through ``torch.func.functional_call`` and takes
+gradients with ``torch.autograd.grad`` on detached aliases of the params (fast, and works with the
+fused RNN kernels). ``apply`` is the chain of gradient stages (``accumulate``, ``track_norm``,
+``clip``, ...) ending in the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import nn
+
+from . import _validate as v
+from ._tree import detach, structure_difference, without_metrics
+from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
+
+ApplyFn = Callable[[TrainState, Params, Tensor], TrainState]
+"""``apply(state, grads, weight) -> state``: consume one gradient (the weighted mean gradient of
+``weight`` samples)."""
+
+NO_CARRY: Any = object()
+"""Sentinel: the loss function takes no carry (``loss_fn(model, batch)``)."""
+
+STRUCTURE_HELP = (
+    "A step must return a state with exactly the structure, shapes and dtypes it received; "
+    "check the transformer or loss function that writes this entry."
+)
+
+
+class LossOutput(NamedTuple):
+    """What a loss function may return, in full.
+
+    A loss function may also return just the loss tensor, ``(loss, metrics)`` or
+    ``(loss, metrics, carry)``; missing parts default to no metrics, no carry, and the batch's
+    sample count as the weight.
+
+    Attributes:
+        loss: a 0-d tensor, the mean loss over the batch's samples (or tokens, see ``weight``).
+        metrics: a dict of 0-d tensors to report, averaged by ``weight`` over micro-batches.
+        carry: the hidden state to hand to the next chunk under :func:`tbptt_split`.
+        weight: how many units the mean ``loss`` averages over (samples, non-padding tokens);
+            accumulation weights each micro-batch's gradient by it. ``None`` means the sample
+            count of the batch.
+    """
+
+    loss: Tensor
+    metrics: Mapping[str, Tensor] | None = None
+    carry: Any = None
+    weight: Tensor | float | int | None = None
+
+
+class Stage(NamedTuple):
+    """A gradient stage: a transformer that acts between the gradient and the optimizer.
+
+    ``wrap(inner) -> apply`` builds this stage's ``apply`` around the ``apply`` of the stages
+    after it. ``init(state) -> state`` adds the stage's slot (and any metrics it reports) if they
+    are missing, and leaves them alone otherwise. ``flush(state, inner) -> state`` ends a pending
+    accumulation window (only :func:`accumulate` has one).
+    """
+
+    name: str
+    wrap: Callable[[ApplyFn], ApplyFn]
+    init: Callable[[TrainState], TrainState] | None = None
+    flush: Callable[[TrainState, ApplyFn], TrainState] | None = None
+    slot: str | None = None
+
+
+class Split(NamedTuple):
+    """A batch stage: how one batch becomes a sequence of chunks sharing a carry."""
+
+    name: str
+    split: Callable[[Any], Sequence[Any]]
+
+
+class GradOut(NamedTuple):
+    grads: Params
+    weight: Tensor
+    metrics: Metrics
+    buffers: Params
+    carry: Any
+
+
+def sample_count(batch: Any) -> int:
+    """The default weight of a batch: its number of samples.
+
+    The rule: a tensor counts its first dimension; a tuple, list or dict counts its first
+    element (a dict its first value); a list or tuple of tensors *inside* the batch (variable-
+    length sequences, as in ``(seqs, targets)``) counts its length.
+
+    >>> sample_count((torch.zeros(8, 3), torch.zeros(8)))
+    8
+    >>> sample_count(([torch.zeros(5), torch.zeros(2)], torch.zeros(2)))
+    2
+    """
+    node = batch
+    for depth in range(64):
+        if isinstance(node, torch.Tensor):
+            if node.dim() == 0:
+                break
+            return int(node.shape[0])
+        if isinstance(node, Mapping):
+            if not node:
+                break
+            node = next(iter(node.values()))
+            continue
+        if isinstance(node, (list, tuple)):
+            if not node:
+                break
+            if depth > 0 and all(isinstance(x, torch.Tensor) for x in node):
+                return len(node)
+            node = node[0]
+            continue
+        break
+    v.fail(
+        "train_step",
+        "batch",
+        "must start with a tensor whose first dimension counts the samples (or a list of "
+        "variable-length sequences)",
+        batch,
+        fix="Return LossOutput(loss, metrics, weight=...) from the loss, or pass "
+        "train_step(..., weight=fn).",
+    )
+
+
+class _Bound(nn.Module):
+    """Runs the user's loss on the template module inside ``functional_call``."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any, carry: Any) -> Any:
+        if carry is NO_CARRY:
+            return self._loss_fn(self.model, batch)
+        return self._loss_fn(self.model, batch, carry)
+
+
+def _as_loss_output(out: Any) -> LossOutput:
+    if isinstance(out, LossOutput):
+        result = out
+    elif isinstance(out, torch.Tensor):
+        result = LossOutput(out)
+    elif isinstance(out, tuple) and 1 <= len(out) <= 3:
+        result = LossOutput(*out)
+    else:
+        v.fail(
+            "train_step",
+            "loss_fn",
+            "must return a loss tensor, (loss, metrics), (loss, metrics, carry) or a LossOutput",
+            out,
+            exc=TypeError,
+        )
+    if not isinstance(result.loss, torch.Tensor) or result.loss.numel() != 1:
+        v.fail(
+            "train_step", "loss_fn", "must return a scalar loss tensor", result.loss, exc=TypeError
+        )
+    if result.metrics is not None and not isinstance(result.metrics, Mapping):
+        v.fail(
+            "train_step",
+            "loss_fn",
+            "must return metrics as a dict of tensors",
+            result.metrics,
+            exc=TypeError,
+        )
+    return result
+
+
+class Step:
+    """A pure training step, ``(state, batch) -> state``; build one with :func:`train_step`.
+
+    Calling it never changes any tensor of the state it receives, and returns a state with the
+    same structure, shapes and dtypes (``metrics`` is filled on the first call). Transformers
+    return new steps; a step is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Any],
+        opt: Optimizer,
+        *,
+        weight: Callable[[Any], Any] | None = None,
+        stages: tuple[Stage, ...] = (),
+        split: Split | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.opt = opt
+        self.weight = weight
+        self.stages = stages
+        self.split = split
+        self._bound = _Bound(model, loss_fn)
+        self._names = [f"model.{name}" for name, _ in model.named_parameters()]
+        self._buffer_names = [f"model.{name}" for name, _ in model.named_buffers()]
+        apply: ApplyFn = self._optimizer_apply
+        for stage in reversed(stages):
+            apply = stage.wrap(apply)
+        self.apply: ApplyFn = apply
+        self._checked: Any = None
+
+    # -- construction ----------------------------------------------------------------------
+    def replace(
+        self, *, stages: tuple[Stage, ...] | None = None, split: Split | None = None
+    ) -> Step:
+        return Step(
+            self.model,
+            self.loss_fn,
+            self.opt,
+            weight=self.weight,
+            stages=self.stages if stages is None else stages,
+            split=self.split if split is None else split,
+        )
+
+    def __repr__(self) -> str:
+        parts = ([self.split.name] if self.split else []) + [s.name for s in self.stages]
+        inner = f"train_step({type(self.model).__name__}, {getattr(self.loss_fn, '__name__', 'loss_fn')})"
+        return f"chain({', '.join(parts)})({inner})" if parts else inner
+
+    # -- the pure parts --------------------------------------------------------------------
+    def init(self, state: TrainState) -> TrainState:
+        """Add the slots (and reported metrics) of this step's transformers, where missing."""
+        for stage in self.stages:
+            if stage.init is not None:
+                state = stage.init(state)
+        return state
+
+    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
+        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
+        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+        tensors: dict[str, Tensor] = dict(zip(self._names, leaves, strict=True))
+        buffers = [b.clone() for b in state.buffers.values()]
+        tensors.update(zip(self._buffer_names, buffers, strict=True))
+        if not self.model.training:
+            self.model.train()
+        with torch.enable_grad():
+            raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
+        out = _as_loss_output(raw)
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
+        if out.weight is not None:
+            weight = torch.as_tensor(out.weight, dtype=torch.float32).detach()
+        elif self.weight is not None:
+            weight = torch.as_tensor(self.weight(batch), dtype=torch.float32)
+        else:
+            weight = torch.tensor(float(sample_count(batch)))
+        metrics = {"loss": out.loss.detach()}
+        if out.metrics:
+            for key, value in out.metrics.items():
+                if key in ("loss", "weight"):
+                    v.fail(
+                        "train_step",
+                        "loss_fn",
+                        "must not return a metric named 'loss' or 'weight' (looplib reports those)",
+                        key,
+                    )
+                metrics[key] = torch.as_tensor(value).detach()
+        metrics["weight"] = weight
+        return GradOut(
+            dict(zip(state.params.keys(), grads, strict=True)),
+            weight,
+            metrics,
+            dict(zip(state.buffers.keys(), buffers, strict=True)),
+            out.carry,
+        )
+
+    def _optimizer_apply(self, state: TrainState, grads: Params, weight: Tensor) -> TrainState:
+        params, opt_state = self.opt.update(grads, state.opt_state, state.params)
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+
+    def micro(
+        self, state: TrainState, batch: Any, carry: Any = NO_CARRY
+    ) -> tuple[TrainState, GradOut]:
+        """One micro-batch: gradient, then the gradient stages and the optimizer."""
+        out = self.gradient(state, batch, carry)
+        state = self.apply(state._replace(buffers=out.buffers), out.grads, out.weight)
+        return state, out
+
+    def flush(self, state: TrainState) -> TrainState:
+        """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
+        state = self.init(state)
+        inner: ApplyFn = self._optimizer_apply
+        applies = []
+        for stage in reversed(self.stages):
+            applies.append((stage, inner))
+            inner = stage.wrap(inner)
+        for stage, after in reversed(applies):
+            if stage.flush is not None:
+                state = stage.flush(state, after)
+        return state
+
+    # -- the call --------------------------------------------------------------------------
+    def __call__(self, state: TrainState, batch: Any) -> TrainState:
+        if not isinstance(state, TrainState):
+            v.fail(
+                "step", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
+            )
+        start = self.init(state)
+        if self.split is None:
+            new, out = self.micro(start, batch)
+            metrics = out.metrics
+        else:
+            new, metrics = self._run_chunks(start, batch)
+        new = new._replace(metrics={**new.metrics, **metrics})
+        self._check(start, new)
+        return new
+
+    def _run_chunks(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        assert self.split is not None
+        chunks = self.split.split(batch)
+        carry: Any = None
+        sums: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for chunk in chunks:
+            state, out = self.micro(state, chunk, carry)
+            carry = detach(out.carry)
+            w = out.weight
+            total = w if total is None else total + w
+            for key, value in out.metrics.items():
+                if key != "weight":
+                    sums[key] = value * w if key not in sums else sums[key] + value * w
+        if total is None:
+            return state, {}
+        metrics = {key: s / total for key, s in sums.items()}
+        metrics["weight"] = total
+        return state, metrics
+
+    def _check(self, before: TrainState, after: TrainState) -> None:
+        spec = (
+            optree.tree_structure(without_metrics(after), none_is_leaf=True),
+            tuple(after.metrics),
+        )
+        if spec == self._checked:
+            return
+        fresh = "loss" not in before.metrics
+        bad = structure_difference(without_metrics(before), without_metrics(after))
+        if bad is None and not fresh and set(before.metrics) != set(after.metrics):
+            bad = f"state.metrics keys changed from {sorted(before.metrics)} to {sorted(after.metrics)}"
+        if bad is None:
+            for key, value in after.metrics.items():
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    bad = f"state.metrics[{key!r}] must be a one-element tensor, got {describe(value)}"
+                    break
+        if bad is not None:
+            raise ValueError(f"{self!r}: {bad}. {STRUCTURE_HELP}")
+        self._checked = spec
+
+
+def init(model: nn.Module, opt: Optimizer) -> TrainState:
+    """Build the initial :class:`TrainState` for ``model`` trained by ``opt``.
+
+    The state holds copies of the module's parameters and buffers (the module itself is left
+    untouched and serves as a template), the optimizer's fresh state, ``step = 0`` and empty
+    ``metrics`` and ``slots``.
+
+    Example:
+        >>> import looplib as ll
+        >>> state = ll.init(torch.nn.Linear(2, 1), ll.optim.sgd(lr=0.1))
+        >>> sorted(state.params), int(state.step)
+        (['bias', 'weight'], 0)
+    """
+    if not isinstance(model, nn.Module):
+        v.fail("init", "model", "must be a torch.nn.Module", model, exc=TypeError)
+    if not isinstance(opt, Optimizer):
+        v.fail(
+            "init",
+            "opt",
+            "must be a looplib optimizer such as ll.optim.adam(1e-3)",
+            opt,
+            exc=TypeError,
+        )
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    return TrainState(
+        params=params,
+        buffers=buffers,
+        opt_state=opt.init(params),
+        step=torch.zeros((), dtype=torch.int64, device=device),
+        metrics={},
+        slots={},
+    )
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: Callable[..., Any],
+    opt: Optimizer,
+    *,
+    weight: Callable[[Any], Any] | None = None,
+) -> Step:
+    """The base pure step: compute the loss's gradient and apply one optimizer update.
+
+    ``loss_fn(model, batch)`` runs with ``model`` reading the state's params and buffers (through
+    ``torch.func.functional_call``; the module is in train mode) and returns the loss, or
+    ``(loss, metrics)``, or a :class:`LossOutput`. Under :func:`tbptt_split` it is called as
+    ``loss_fn(model, batch, carry)`` and returns ``(loss, metrics, carry)``.
+
+    In plain Python, the step is::
+
+        def step(state, batch):
+            loss, grads = value_and_grad(loss_fn)(state.params, batch)
+            params, opt_state = opt.update(grads, state.opt_state, state.params)
+            return state._replace(params=params, opt_state=opt_state, step=state.step + 1,
+                                  metrics={"loss": loss, **metrics, "weight": n_samples})
+
+    Args:
+        model: the module; used as a template, never modified.
+        loss_fn: ``(model, batch[, carry]) -> loss | (loss, metrics[, carry]) | LossOutput``.
+        opt: an optimizer from :mod:`looplib.optim`.
+        weight: optional ``batch -> number`` giving the batch's weight for accumulation (default:
+            :func:`sample_count`); a loss that returns ``LossOutput(weight=...)`` overrides it.
+
+    Returns:
+        a :class:`Step`, to call as ``step(state, batch)`` or to wrap with transformers.
+
+    Example:
+        >>> import looplib as ll, torch.nn.functional as F
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = ll.optim.sgd(lr=0.1)
+        >>> step = ll.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), opt)
+        >>> state = step(ll.init(model, opt), (torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+        >>> int(state.step), sorted(state.metrics)
+        (1, ['loss', 'weight'])
+    """
+    if not isinstance(model, nn.Module):
+        v.fail("train_step", "model", "must be a torch.nn.Module", model, exc=TypeError)
+    v.is_callable("train_step", "loss_fn", loss_fn, "a function (model, batch) -> loss")
+    if not isinstance(opt, Optimizer):
+        v.fail(
+            "train_step",
+            "opt",
+            "must be a looplib optimizer such as ll.optim.adam(1e-3)",
+            opt,
+            exc=TypeError,
+        )
+    if weight is not None:
+        v.is_callable("train_step", "weight", weight, "a function batch -> number or None")
+    return Step(model, loss_fn, opt, weight=weight)
