@@ -240,18 +240,15 @@ class Step:
                 state = stage.init(state)
         return state
 
-    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
-        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
-        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-        tensors: dict[str, Tensor] = dict(zip(self._names, leaves, strict=True))
-        buffers = [b.clone() for b in state.buffers.values()]
+    def _run_loss(
+        self, params: list[Tensor], buffers: list[Tensor], batch: Any, carry: Any
+    ) -> LossOutput:
+        tensors: dict[str, Tensor] = dict(zip(self._names, params, strict=True))
         tensors.update(zip(self._buffer_names, buffers, strict=True))
-        if not self.model.training:
-            self.model.train()
-        with torch.enable_grad():
-            raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
-        out = _as_loss_output(raw)
-        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
+        raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
+        return _as_loss_output(raw)
+
+    def _metrics(self, out: LossOutput, batch: Any) -> Metrics:
         if out.weight is not None:
             weight = torch.as_tensor(out.weight, dtype=torch.float32).detach()
         elif self.weight is not None:
@@ -259,24 +256,59 @@ class Step:
         else:
             weight = torch.tensor(float(sample_count(batch)))
         metrics = {"loss": out.loss.detach()}
-        if out.metrics:
-            for key, value in out.metrics.items():
-                if key in ("loss", "weight"):
-                    v.fail(
-                        "train_step",
-                        "loss_fn",
-                        "must not return a metric named 'loss' or 'weight' (looplib reports those)",
-                        key,
-                    )
-                metrics[key] = torch.as_tensor(value).detach()
+        for key, value in (out.metrics or {}).items():
+            if key in ("loss", "weight"):
+                v.fail(
+                    "train_step",
+                    "loss_fn",
+                    "must not return a metric named 'loss' or 'weight' (looplib reports those)",
+                    key,
+                )
+            metrics[key] = torch.as_tensor(value).detach()
         metrics["weight"] = weight
+        return metrics
+
+    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
+        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
+        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+        buffers = [b.clone() for b in state.buffers.values()]
+        if not self.model.training:
+            self.model.train()
+        with torch.enable_grad():
+            out = self._run_loss(leaves, buffers, batch, carry)
+        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
+        metrics = self._metrics(out, batch)
         return GradOut(
             dict(zip(state.params.keys(), grads, strict=True)),
-            weight,
+            metrics["weight"],
             metrics,
             dict(zip(state.buffers.keys(), buffers, strict=True)),
             out.carry,
         )
+
+    def evaluate(self, state: TrainState, batch: Any) -> Metrics:
+        """The loss metrics of one batch in eval mode, without gradients (as tensors).
+
+        Under ``tbptt_split`` the batch runs chunk by chunk with the carry, as in training, and
+        the metrics are averaged over the chunks by weight. Never changes ``state``.
+        """
+        if self.model.training:
+            self.model.eval()
+        try:
+            with torch.no_grad():
+                buffers = [b.clone() for b in state.buffers.values()]
+                params = list(state.params.values())
+                if self.split is None:
+                    return self._metrics(self._run_loss(params, buffers, batch, NO_CARRY), batch)
+                carry: Any = None
+                parts = []
+                for chunk in self.split.split(batch):
+                    out = self._run_loss(params, buffers, chunk, carry)
+                    carry = out.carry
+                    parts.append(self._metrics(out, chunk))
+                return weighted_mean(parts)
+        finally:
+            self.model.train()
 
     def _optimizer_apply(self, state: TrainState, grads: Params, weight: Tensor) -> TrainState:
         params, opt_state = self.opt.update(grads, state.opt_state, state.params)
@@ -321,23 +353,13 @@ class Step:
 
     def _run_chunks(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         assert self.split is not None
-        chunks = self.split.split(batch)
         carry: Any = None
-        sums: dict[str, Tensor] = {}
-        total: Tensor | None = None
-        for chunk in chunks:
+        parts = []
+        for chunk in self.split.split(batch):
             state, out = self.micro(state, chunk, carry)
             carry = detach(out.carry)
-            w = out.weight
-            total = w if total is None else total + w
-            for key, value in out.metrics.items():
-                if key != "weight":
-                    sums[key] = value * w if key not in sums else sums[key] + value * w
-        if total is None:
-            return state, {}
-        metrics = {key: s / total for key, s in sums.items()}
-        metrics["weight"] = total
-        return state, metrics
+            parts.append(out.metrics)
+        return state, weighted_mean(parts)
 
     def _check(self, before: TrainState, after: TrainState) -> None:
         spec = (
@@ -358,6 +380,24 @@ class Step:
         if bad is not None:
             raise ValueError(f"{self!r}: {bad}. {STRUCTURE_HELP}")
         self._checked = spec
+
+
+def weighted_mean(parts: Sequence[Metrics]) -> Metrics:
+    """Average metrics dicts by their ``"weight"`` entries; the result's weight is the total."""
+    if not parts:
+        return {}
+    total = parts[0]["weight"]
+    for m in parts[1:]:
+        total = total + m["weight"]
+    out = {}
+    for key in parts[0]:
+        if key != "weight":
+            acc = parts[0][key] * parts[0]["weight"]
+            for m in parts[1:]:
+                acc = acc + m[key] * m["weight"]
+            out[key] = acc / total
+    out["weight"] = total
+    return out
 
 
 def init(model: nn.Module, opt: Optimizer) -> TrainState:
