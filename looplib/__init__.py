@@ -11,8 +11,10 @@ by composing transformers, and the whole training state is one pytree.
 from . import optim
 from ._accumulate import AccumulateState, accumulate
 from ._clip import clip, clip_by_global_norm
+from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
 from ._step import LossOutput, Step, init, sample_count, train_step
+from ._stopping import all_of, any_of, early_stopping, never, stop_reason
 from ._tbptt import split_time, tbptt_split
 from ._track import track_norm
 from ._transform import Transformer, chain
@@ -22,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "FitResult",
+    "NonFiniteLossError",
     "LossOutput",
     "Optimizer",
     "Step",
@@ -29,15 +33,23 @@ __all__ = [
     "Transformer",
     "__version__",
     "accumulate",
+    "all_of",
+    "any_of",
+    "batches_used",
     "chain",
     "clip",
     "clip_by_global_norm",
+    "early_stopping",
+    "evaluate",
+    "fit",
     "fold",
     "init",
+    "never",
     "optim",
     "sample_count",
     "scan",
     "split_time",
+    "stop_reason",
     "tbptt_split",
     "track_norm",
     "train_step",

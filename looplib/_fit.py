@@ -1,0 +1,401 @@
+"""``fit``: the epoch loop, with validation, epoch limits, early stopping and data limits."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+import torch
+
+from . import _validate as v
+from ._step import Step, weighted_mean
+from ._stopping import early_stopping, stop_reason
+from ._types import History, Metrics, TrainState, describe
+
+Predicate = Callable[[History], bool]
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT: Any = _Default()
+"""The default of ``fit(stop=...)``: early stopping on ``val_loss`` when there is validation."""
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+        state: the final training state.
+        history: one dict of floats per epoch, oldest first (see :func:`fit`).
+        stop_reason: why training ended, in words (``"max_epochs=10 reached"``, the early
+            stopping rule that fired, ...).
+    """
+
+    state: TrainState
+    history: list[dict[str, float]]
+    stop_reason: str
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by :func:`fit` when a training loss is NaN or infinite.
+
+    Attributes:
+        state: the last good state, from before the step that produced the non-finite loss.
+        history: the history of the completed epochs.
+        epoch: the epoch index of the bad batch.
+        batch: the batch index within the epoch.
+    """
+
+    def __init__(
+        self, message: str, state: TrainState, history: History, epoch: int, batch: int
+    ) -> None:
+        super().__init__(message)
+        self.state = state
+        self.history = history
+        self.epoch = epoch
+        self.batch = batch
+
+
+def _parse_fraction(func: str, arg: str, value: Any, *, allow_zero: bool) -> Fraction:
+    x = v.in_range(func, arg, value, 0.0, 1.0, closed="[]" if allow_zero else "(]")
+    return Fraction(repr(float(x)))
+
+
+def batches_used(n: int, fraction: float) -> int:
+    """How many of ``n`` batches an epoch uses for a data fraction: ``max(1, floor(f * n))``.
+
+    ``f`` is taken as the decimal number written (``0.29`` is exactly 29/100, not its binary
+    approximation), so ``batches_used(100, 0.29) == 29``. A positive fraction always uses at least
+    one batch (when there is one), never more than ``n``.
+
+    >>> batches_used(10, 0.25), batches_used(10, 0.01), batches_used(100, 0.29)
+    (2, 1, 29)
+    """
+    f = Fraction(repr(float(fraction)))
+    if n == 0 or f == 0:
+        return 0
+    return min(n, max(1, math.floor(f * n)))
+
+
+def _is_reiterable(batches: Any) -> bool:
+    return isinstance(batches, Iterable) and not isinstance(batches, Iterator)
+
+
+def evaluate(step: Step, state: TrainState, batches: Iterable[Any]) -> dict[str, float]:
+    """Evaluate ``state`` on ``batches``: eval mode, no gradients, metrics averaged by weight.
+
+    Every metric the loss returns (and ``loss``) is averaged over all samples of all batches
+    (weighted by each batch's weight, the sample count by default), then turned into a Python
+    float with one host sync.
+
+    Returns:
+        ``{"loss": ..., **metrics}`` as floats (no ``weight`` key); ``{}`` for no batches.
+    """
+    if not isinstance(step, Step):
+        v.fail("evaluate", "step", "must be a looplib Step", step, exc=TypeError)
+    parts = [step.evaluate(state, batch) for batch in batches]
+    if not parts:
+        return {}
+    return _to_floats(weighted_mean(parts), skip=("weight",))
+
+
+def _to_floats(metrics: Metrics, skip: Sequence[str] = ()) -> dict[str, float]:
+    keys = [k for k in metrics if k not in skip]
+    if not keys:
+        return {}
+    values = torch.stack([metrics[k].detach().reshape(()).to(torch.float64).cpu() for k in keys])
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+class _EpochMeter:
+    """Sums an epoch's metrics on the device: loss-side ones by weight, gradient-side ones (the
+    values a transformer writes when an update is applied) by the number of updates."""
+
+    def __init__(self, grad_keys: set[str]) -> None:
+        self.grad_keys = grad_keys
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight: torch.Tensor | None = None
+        self.updates: torch.Tensor | None = None
+        self.batches = 0
+
+    def add(self, metrics: Metrics, updates: torch.Tensor) -> None:
+        w = metrics["weight"]
+        self.weight = w if self.weight is None else self.weight + w
+        self.updates = updates if self.updates is None else self.updates + updates
+        self.batches += 1
+        for key, value in metrics.items():
+            if key == "weight":
+                continue
+            if key in self.grad_keys:
+                # The value after a batch that applied no update is the previous update's.
+                term = torch.where(updates > 0, value * updates, torch.zeros_like(value))
+            else:
+                term = value * w
+            self.sums[key] = term if key not in self.sums else self.sums[key] + term
+
+    def means(self) -> dict[str, float]:
+        if self.weight is None or self.updates is None:
+            return {}
+        out = {}
+        order = sorted(self.sums, key=lambda k: k in self.grad_keys)
+        for key in order:
+            total = self.sums[key]
+            out[key] = total / (self.updates if key in self.grad_keys else self.weight)
+        return _to_floats(out)
+
+
+def _check_monitors(stop: Any, has_val: bool) -> None:
+    for name in getattr(stop, "monitors", ()):
+        if name.startswith("val_") and not has_val:
+            v.fail(
+                "fit",
+                "stop",
+                f"monitors {name!r}, which needs validation data",
+                stop,
+                fix="Pass val=... batches, or monitor a training metric such as 'loss'.",
+            )
+
+
+def fit(
+    step: Step,
+    state: TrainState,
+    train_batches: Iterable[Any] | Callable[[int], Iterable[Any]],
+    val: Iterable[Any] | None = None,
+    *,
+    min_epochs: int = 1,
+    max_epochs: int = 1000,
+    max_steps: int | None = None,
+    stop: Predicate | None = DEFAULT,
+    train_fraction: float = 1.0,
+    overfit_fraction: float = 0.0,
+    history: History | None = None,
+    progress: bool = True,
+    check_finite: bool = True,
+    on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``state`` with ``step`` for several epochs, validating and stopping by rule.
+
+    Each epoch folds ``step`` over the epoch's batches, ends a partial accumulation window with
+    ``step.flush`` (the ``accumulate(..., partial=...)`` policy), evaluates on ``val`` and appends
+    one entry to the history. Training then stops at the first of:
+
+    * ``max_epochs`` epochs, or ``max_steps`` optimizer updates (never run past either);
+    * ``stop(history)`` returning True, asked after every epoch from the ``min_epochs``-th on
+      (never stop before the minimum). The predicate is re-evaluated from the whole history each
+      epoch, so nothing is sticky: a rule met during the minimum epochs stops training only if it
+      still holds once the minimum is reached.
+
+    The default ``stop`` is ``early_stopping("val_loss", patience=3, mode="min")`` when ``val``
+    is given and none otherwise; ``stop=None`` disables early stopping; any predicate over the
+    history replaces it. Monitoring a ``val_`` metric without ``val`` is an error.
+
+    The history has one dict of floats per epoch: ``epoch`` (0-based), ``step`` (optimizer
+    updates so far), ``batches`` (run this epoch), the training metrics averaged over the epoch
+    (``loss`` and the loss's metrics by sample weight; tracked gradient norms over the updates),
+    the validation metrics prefixed ``val_``, and ``time`` (seconds). Metric tensors become
+    Python floats once per epoch.
+
+    Data limits: ``train_fraction`` uses the first ``max(1, floor(f * n))`` of the ``n`` batches
+    each epoch (see :func:`batches_used`); ``overfit_fraction > 0`` overrides it and both trains
+    and validates on the same first ``max(1, floor(f * n))`` batches every epoch.
+
+    Args:
+        step: a :class:`Step` from :func:`train_step` and transformers.
+        state: the state to start from (from :func:`init`, or a checkpoint).
+        train_batches: a re-iterable of batches (a list, a ``DataLoader``), or a function
+            ``epoch -> batches`` for a different order each epoch. A ``DataLoader`` whose sampler
+            has ``set_epoch`` (e.g. ``DistributedSampler``) gets it called every epoch.
+        val: a re-iterable of validation batches, or None.
+        min_epochs: the fewest epochs before ``stop`` may end training (>= 0).
+        max_epochs: the most epochs (>= 1, >= ``min_epochs``).
+        max_steps: the most optimizer updates, or None (checking it reads the step counter
+            after every batch).
+        stop: a predicate ``history -> bool``, ``None``, or the default described above.
+        train_fraction: the fraction of batches used per epoch, in (0, 1].
+        overfit_fraction: if > 0, train and validate on this fraction of the first batches.
+        history: the history of earlier epochs, to continue a run (epochs count on from it).
+        progress: show a progress bar (tqdm; works in notebooks).
+        check_finite: stop with :class:`NonFiniteLossError` at the first NaN or infinite
+            training loss (reads the loss after every batch), keeping the last good state.
+        on_epoch_end: called as ``on_epoch_end(state, entry)`` after each epoch (e.g. to save).
+
+    Returns:
+        a :class:`FitResult` ``(state, history, stop_reason)``.
+    """
+    if not isinstance(step, Step):
+        v.fail("fit", "step", "must be a looplib Step (from ll.train_step)", step, exc=TypeError)
+    if not isinstance(state, TrainState):
+        v.fail("fit", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+    min_epochs = v.nonnegative_int("fit", "min_epochs", min_epochs)
+    max_epochs = v.positive_int("fit", "max_epochs", max_epochs)
+    if min_epochs > max_epochs:
+        v.fail("fit", "min_epochs", f"must be <= max_epochs={max_epochs}", min_epochs)
+    if max_steps is not None:
+        max_steps = v.positive_int("fit", "max_steps", max_steps)
+    _parse_fraction("fit", "train_fraction", train_fraction, allow_zero=False)
+    _parse_fraction("fit", "overfit_fraction", overfit_fraction, allow_zero=True)
+    if not callable(train_batches) and not _is_reiterable(train_batches):
+        v.fail(
+            "fit",
+            "train_batches",
+            "must be re-iterable (a list or DataLoader) or a function epoch -> batches",
+            train_batches,
+            exc=TypeError,
+            fix="A generator is used up after one epoch; wrap it: lambda epoch: make_batches().",
+        )
+    if val is not None and not _is_reiterable(val):
+        v.fail(
+            "fit", "val", "must be re-iterable (a list or DataLoader) or None", val, exc=TypeError
+        )
+    if overfit_fraction > 0 and callable(train_batches) and not _is_reiterable(train_batches):
+        first = list(train_batches(0))
+    elif overfit_fraction > 0:
+        first = list(train_batches)  # type: ignore[arg-type]
+    else:
+        first = []
+    if overfit_fraction > 0:
+        fixed = first[: batches_used(len(first), overfit_fraction)]
+        val = fixed
+    has_val = val is not None
+    if stop is DEFAULT:
+        stop = early_stopping("val_loss", patience=3, mode="min") if has_val else None
+    if stop is not None:
+        v.is_callable("fit", "stop", stop, "a predicate history -> bool, or None")
+        _check_monitors(stop, has_val)
+    for name, value in (("progress", progress), ("check_finite", check_finite)):
+        if not isinstance(value, bool):
+            v.fail("fit", name, "must be a bool", value, exc=TypeError)
+
+    history = [dict(entry) for entry in (history or [])]
+    state = step.init(state)
+    grad_keys = set(step.init(state._replace(metrics={})).metrics)
+    bar = _progress_bar(progress)
+    reason = f"max_epochs={max_epochs} reached"
+    try:
+        for epoch in range(len(history), max_epochs):
+            started = time.perf_counter()
+            batches = fixed if overfit_fraction > 0 else _epoch_batches(train_batches, epoch)
+            if overfit_fraction == 0 and train_fraction < 1:
+                batches = _limit(batches, train_fraction)
+            meter = _EpochMeter(grad_keys)
+            reached_max = False
+            total = _length(batches)
+            if bar is not None:
+                bar.reset(total=total)
+                bar.set_description(f"epoch {epoch}")
+            for index, batch in enumerate(batches):
+                before = state
+                state = step(state, batch)
+                meter.add(state.metrics, state.step - before.step)
+                if check_finite and not bool(torch.isfinite(state.metrics["loss"]).all()):
+                    raise NonFiniteLossError(
+                        f"fit: the training loss is {float(state.metrics['loss'])} at epoch "
+                        f"{epoch}, batch {index}; the returned error's .state is the last good "
+                        "state (from before this batch). Lower the learning rate, clip the "
+                        "gradient, or compose ll.skip_nonfinite to skip such steps.",
+                        before,
+                        history,
+                        epoch,
+                        index,
+                    )
+                if bar is not None:
+                    bar.update(1)
+                    if index % 10 == 0:
+                        bar.set_postfix(loss=f"{float(state.metrics['loss']):.4g}")
+                if max_steps is not None and int(state.step) >= max_steps:
+                    reached_max = True
+                    break
+            if meter.batches == 0:
+                v.fail(
+                    "fit", "train_batches", "must yield at least one batch per epoch", train_batches
+                )
+            if not reached_max:
+                state = step.flush(state)
+            entry: dict[str, float] = {"epoch": epoch, "step": int(state.step)}
+            entry["batches"] = meter.batches
+            entry.update(meter.means())
+            if has_val:
+                assert val is not None
+                entry.update({f"val_{k}": x for k, x in evaluate(step, state, val).items()})
+            entry["time"] = time.perf_counter() - started
+            history.append(entry)
+            if on_epoch_end is not None:
+                on_epoch_end(state, entry)
+            if reached_max or (max_steps is not None and int(state.step) >= max_steps):
+                reason = f"max_steps={max_steps} reached"
+                break
+            if stop is not None and epoch + 1 >= min_epochs:
+                fired = stop_reason(stop, history)
+                if fired is not None:
+                    reason = fired
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return FitResult(state, history, reason)
+
+
+def _epoch_batches(train_batches: Any, epoch: int) -> Iterable[Any]:
+    if callable(train_batches) and not _is_reiterable(train_batches):
+        batches = train_batches(epoch)
+        if not isinstance(batches, Iterable):
+            v.fail(
+                "fit", "train_batches", "must return an iterable of batches", batches, exc=TypeError
+            )
+        return batches
+    sampler = getattr(train_batches, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return train_batches
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _limit(batches: Iterable[Any], fraction: float) -> Iterable[Any]:
+    n = _length(batches)
+    if n is None:
+        v.fail(
+            "fit",
+            "train_fraction",
+            "needs batches with a length (a list or DataLoader)",
+            fraction,
+            fix=f"Got batches of type {describe(batches)}.",
+        )
+    keep = batches_used(n, fraction)
+    if isinstance(batches, Sequence):
+        return batches[:keep]
+    return _Take(batches, keep)
+
+
+class _Take:
+    def __init__(self, batches: Iterable[Any], n: int) -> None:
+        self.batches = batches
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.batches):
+            if i >= self.n:
+                return
+            yield batch
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=None, leave=False, dynamic_ncols=True)
