@@ -11,6 +11,7 @@ by composing transformers, and the whole training state is one pytree.
 from . import optim
 from ._accumulate import AccumulateState, accumulate
 from ._clip import clip, clip_by_global_norm
+from ._compile import CompiledStep, compile
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
 from ._step import LossOutput, Step, init, sample_count, train_step
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "CompiledStep",
     "FitResult",
     "NonFiniteLossError",
     "LossOutput",
@@ -39,6 +41,7 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "compile",
     "early_stopping",
     "evaluate",
     "fit",

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _validate as v
+from ._compile import CompiledStep
 from ._step import Step, weighted_mean
 from ._stopping import early_stopping, stop_reason
 from ._types import History, Metrics, TrainState, describe
@@ -87,7 +88,9 @@ def _is_reiterable(batches: Any) -> bool:
     return isinstance(batches, Iterable) and not isinstance(batches, Iterator)
 
 
-def evaluate(step: Step, state: TrainState, batches: Iterable[Any]) -> dict[str, float]:
+def evaluate(
+    step: Step | CompiledStep, state: TrainState, batches: Iterable[Any]
+) -> dict[str, float]:
     """Evaluate ``state`` on ``batches``: eval mode, no gradients, metrics averaged by weight.
 
     Every metric the loss returns (and ``loss``) is averaged over all samples of all batches
@@ -97,7 +100,7 @@ def evaluate(step: Step, state: TrainState, batches: Iterable[Any]) -> dict[str,
     Returns:
         ``{"loss": ..., **metrics}`` as floats (no ``weight`` key); ``{}`` for no batches.
     """
-    if not isinstance(step, Step):
+    if not isinstance(step, (Step, CompiledStep)):
         v.fail("evaluate", "step", "must be a looplib Step", step, exc=TypeError)
     parts = [step.evaluate(state, batch) for batch in batches]
     if not parts:
@@ -163,7 +166,7 @@ def _check_monitors(stop: Any, has_val: bool) -> None:
 
 
 def fit(
-    step: Step,
+    step: Step | CompiledStep,
     state: TrainState,
     train_batches: Iterable[Any] | Callable[[int], Iterable[Any]],
     val: Iterable[Any] | None = None,
@@ -228,7 +231,7 @@ def fit(
     Returns:
         a :class:`FitResult` ``(state, history, stop_reason)``.
     """
-    if not isinstance(step, Step):
+    if not isinstance(step, (Step, CompiledStep)):
         v.fail("fit", "step", "must be a looplib Step (from ll.train_step)", step, exc=TypeError)
     if not isinstance(state, TrainState):
         v.fail("fit", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
