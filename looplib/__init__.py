@@ -14,6 +14,7 @@ from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, compile
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
+from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._step import LossOutput, Step, init, sample_count, train_step
 from ._stopping import all_of, any_of, early_stopping, never, stop_reason
 from ._tbptt import split_time, tbptt_split
@@ -27,7 +28,9 @@ __all__ = [
     "AccumulateState",
     "CompiledStep",
     "FitResult",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
+    "SkipState",
     "LossOutput",
     "Optimizer",
     "Step",
@@ -51,6 +54,7 @@ __all__ = [
     "optim",
     "sample_count",
     "scan",
+    "skip_nonfinite",
     "split_time",
     "stop_reason",
     "tbptt_split",

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import optree
 import torch
 
 from . import _validate as v
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
-from ._tree import zeros_like
+from ._tree import select, zeros_like
 from ._types import Params, Tensor, TrainState
 
 SLOT = "accumulate"
@@ -32,11 +31,6 @@ def _empty(params: Params, device: torch.device) -> AccumulateState:
         weight=torch.zeros((), dtype=torch.float32, device=device),
         grads=zeros_like(params),
     )
-
-
-def _select(pred: Tensor, if_true: TrainState, if_false: TrainState) -> TrainState:
-    """Leafwise ``torch.where``: a branch without a host sync, for compiled steps."""
-    return optree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
 
 
 def _mean(acc: Params, total: Tensor) -> Params:
@@ -82,7 +76,8 @@ def accumulate(k: int, *, partial: str = "step") -> Transformer:
     v.one_of("accumulate", "partial", partial, PARTIAL_POLICIES)
     name = f"accumulate({k})" if partial == "step" else f"accumulate({k}, partial={partial!r})"
     if k == 1:
-        return stage_transformer(Stage(name, lambda inner: inner))
+        # The identity, but it still owns the slot's name: accumulating twice has no meaning.
+        return stage_transformer(Stage(name, lambda inner: inner, slot=SLOT))
 
     def init(state: TrainState) -> TrainState:
         if SLOT in state.slots:
@@ -110,7 +105,7 @@ def accumulate(k: int, *, partial: str = "step") -> Transformer:
             full = slot.count >= k
             held = state._replace(slots={**state.slots, SLOT: slot})
             if torch.compiler.is_compiling():
-                return _select(full, close(state, slot, inner), held)
+                return select(full, close(state, slot, inner), held)
             if bool(full):
                 return close(state, slot, inner)
             return held

@@ -101,6 +101,7 @@ class CompiledStep:
             metrics = weighted_mean(parts)
         new = new._replace(metrics={**start.metrics, **new.metrics, **metrics})
         step._check(start, new)
+        step.after(new)
         return new
 
 

@@ -70,7 +70,10 @@ class Stage(NamedTuple):
     ``wrap(inner) -> apply`` builds this stage's ``apply`` around the ``apply`` of the stages
     after it. ``init(state) -> state`` adds the stage's slot (and any metrics it reports) if they
     are missing, and leaves them alone otherwise. ``flush(state, inner) -> state`` ends a pending
-    accumulation window (only :func:`accumulate` has one).
+    accumulation window (only :func:`accumulate` has one). ``after(state)`` runs on the host
+    after every call of the step, outside any compiled graph (e.g. to raise on a counter).
+
+    While ``apply`` runs, ``state.metrics`` already holds the current micro-batch's loss metrics.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Stage(NamedTuple):
     init: Callable[[TrainState], TrainState] | None = None
     flush: Callable[[TrainState, ApplyFn], TrainState] | None = None
     slot: str | None = None
+    after: Callable[[TrainState], None] | None = None
 
 
 class Split(NamedTuple):
@@ -319,8 +323,8 @@ class Step:
     ) -> tuple[TrainState, GradOut]:
         """One micro-batch: gradient, then the gradient stages and the optimizer."""
         out = self.gradient(state, batch, carry)
-        state = self.apply(state._replace(buffers=out.buffers), out.grads, out.weight)
-        return state, out
+        state = state._replace(buffers=out.buffers, metrics={**state.metrics, **out.metrics})
+        return self.apply(state, out.grads, out.weight), out
 
     def flush(self, state: TrainState) -> TrainState:
         """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
@@ -349,7 +353,14 @@ class Step:
             new, metrics = self._run_chunks(start, batch)
         new = new._replace(metrics={**new.metrics, **metrics})
         self._check(start, new)
+        self.after(new)
         return new
+
+    def after(self, state: TrainState) -> None:
+        """Run the host-side checks of the stages (see :class:`Stage`)."""
+        for stage in self.stages:
+            if stage.after is not None:
+                stage.after(state)
 
     def _run_chunks(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         assert self.split is not None

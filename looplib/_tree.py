@@ -16,6 +16,12 @@ def zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
+def select(pred: Tensor, if_true: Any, if_false: Any) -> Any:
+    """Leafwise ``torch.where(pred, a, b)`` over two trees of one structure: a branch without a
+    host sync, for compiled steps."""
+    return optree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
+
+
 def detach(tree: Any) -> Any:
     """Detach every tensor leaf of ``tree`` (other leaves pass through)."""
     return optree.tree_map(

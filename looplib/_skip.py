@@ -1,0 +1,124 @@
+"""``skip_nonfinite``: leave the state untouched by a step whose gradient or loss is not finite."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as v
+from ._step import ApplyFn, Stage
+from ._transform import Transformer, stage_transformer
+from ._tree import select
+from ._types import Params, Tensor, TrainState
+
+SLOT = "skip_nonfinite"
+
+
+class SkipState(NamedTuple):
+    """The ``skip_nonfinite`` slot: consecutive and total skipped gradients, and the value of
+    ``state.step`` when the last one was skipped (-1 for never)."""
+
+    consecutive: Tensor
+    total: Tensor
+    last_step: Tensor
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by :func:`skip_nonfinite` after too many consecutive non-finite gradients.
+
+    ``state`` is the state after the last skipped step: its params and optimizer state are those
+    of the last good update.
+    """
+
+    def __init__(self, message: str, state: TrainState) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+def all_finite(grads: Params) -> Tensor:
+    """One 0-d bool tensor: every element of every gradient is finite (no host sync)."""
+    values = list(grads.values())
+    if not values:
+        return torch.ones((), dtype=torch.bool)
+    # The sum of |g| is finite only if every element is; one reduction per tensor.
+    sums = torch.stack([g.abs().sum().to(torch.float32) for g in values])
+    return torch.isfinite(sums.sum())
+
+
+def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
+    """Skip updates whose gradient (or the micro-batch's loss) is not finite.
+
+    A skipped gradient changes nothing downstream: the params, the optimizer state and
+    ``state.step`` stay as they were, and the slot ``state.slots["skip_nonfinite"]`` counts it.
+    After more than ``max_consecutive`` skips in a row the step raises
+    :class:`NonFiniteGradientError` naming the step (its ``.state`` is the last good one).
+
+    Where it stands in a chain sets its scope, like every gradient transformer:
+
+    * ``chain(skip_nonfinite(), accumulate(K), ...)``: each micro-batch is checked, and a bad
+      one never reaches the window (which closes after K good micro-batches);
+    * ``chain(accumulate(K), skip_nonfinite(), clip(c))``: the accumulated gradient is checked
+      when the window closes, and a bad window is dropped whole.
+
+    Put it before ``clip``: clipping an infinite norm makes every gradient NaN, and the check
+    then still skips, but ``track_norm`` placed between would record NaN.
+
+    Args:
+        max_consecutive: how many consecutive skips are tolerated before raising (>= 0).
+
+    Returns:
+        a transformer owning ``state.slots["skip_nonfinite"]`` (a :class:`SkipState`).
+
+    Example:
+        >>> import looplib as ll
+        >>> ll.skip_nonfinite(3)
+        skip_nonfinite(3)
+    """
+    limit = v.nonnegative_int("skip_nonfinite", "max_consecutive", max_consecutive)
+    name = f"skip_nonfinite({limit})"
+
+    def init(state: TrainState) -> TrainState:
+        if SLOT in state.slots:
+            return state
+        device = state.step.device
+        slot = SkipState(
+            consecutive=torch.zeros((), dtype=torch.int64, device=device),
+            total=torch.zeros((), dtype=torch.int64, device=device),
+            last_step=torch.full((), -1, dtype=torch.int64, device=device),
+        )
+        return state._replace(slots={**state.slots, SLOT: slot})
+
+    def wrap(inner: ApplyFn) -> ApplyFn:
+        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
+            ok = all_finite(grads)
+            loss = state.metrics.get("loss")
+            if loss is not None:
+                ok = ok & torch.isfinite(loss).all()
+            slot: SkipState = state.slots[SLOT]
+            good_slot = slot._replace(consecutive=torch.zeros_like(slot.consecutive))
+            bad_slot = SkipState(slot.consecutive + 1, slot.total + 1, state.step.clone())
+            skipped = state._replace(slots={**state.slots, SLOT: bad_slot})
+            if torch.compiler.is_compiling():
+                applied = inner(
+                    state._replace(slots={**state.slots, SLOT: good_slot}), grads, weight
+                )
+                return select(ok, applied, skipped)
+            if bool(ok):
+                return inner(state._replace(slots={**state.slots, SLOT: good_slot}), grads, weight)
+            return skipped
+
+        return apply
+
+    def after(state: TrainState) -> None:
+        slot: SkipState = state.slots[SLOT]
+        if int(slot.consecutive) > limit:
+            raise NonFiniteGradientError(
+                f"{name}: {int(slot.consecutive)} consecutive non-finite gradients, the last at "
+                f"step {int(slot.last_step)} (optimizer updates applied so far); the error's "
+                ".state holds the last good params. Lower the learning rate, check the data, "
+                "or raise max_consecutive.",
+                state,
+            )
+
+    return stage_transformer(Stage(name, wrap, init=init, slot=SLOT, after=after))
