@@ -81,13 +81,17 @@ class CompiledStep:
         return self._core(state, batch, carry)
 
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
-        step = self.step
-        start = step.init(state)
+        return self.step.call_with(self._run, state, batch, narrow=self._narrow)
+
+    def _narrow(self, state: TrainState) -> TrainState:
+        # Hand the graph only the metrics a transformer reads back (the tracked norms), so its
+        # inputs are the same on every call, before and after the loss metrics exist.
         if self._grad_keys is None:
-            self._grad_keys = tuple(step.init(start._replace(metrics={})).metrics)
-        # Pass only the metrics a transformer reads back (the tracked norms), so the graph's
-        # inputs are the same on every call.
-        inputs = start._replace(metrics={k: start.metrics[k] for k in self._grad_keys})
+            self._grad_keys = tuple(self.step.init(state._replace(metrics={})).metrics)
+        return state._replace(metrics={k: state.metrics[k] for k in self._grad_keys})
+
+    def _run(self, inputs: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        step = self.step
         if step.split is None:
             new, metrics, _ = self._micro(inputs, batch, NO_CARRY)
         else:
@@ -99,10 +103,7 @@ class CompiledStep:
                 carry = detach(carry)
                 parts.append(part)
             metrics = weighted_mean(parts)
-        new = new._replace(metrics={**start.metrics, **new.metrics, **metrics})
-        step._check(start, new)
-        step.after(new)
-        return new
+        return new, metrics
 
 
 def compile(

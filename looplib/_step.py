@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from . import _validate as v
+from ._rng import SLOT as RNG
+from ._rng import rng_scope, rng_slot
 from ._tree import detach, structure_difference, without_metrics
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
@@ -341,20 +343,41 @@ class Step:
 
     # -- the call --------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
+        return self.call_with(self._run, state, batch)
+
+    def call_with(
+        self,
+        run: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+        state: TrainState,
+        batch: Any,
+        narrow: Callable[[TrainState], TrainState] | None = None,
+    ) -> TrainState:
+        """The call around the computation ``run(state, batch) -> (state, loss metrics)``: add
+        the slots, scope the random generators, merge the metrics, check the structure and run the
+        stages' host-side checks. ``narrow`` trims the state handed to ``run`` (a compiled run
+        takes only the metrics a transformer reads back)."""
         if not isinstance(state, TrainState):
             v.fail(
                 "step", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
             )
         start = self.init(state)
-        if self.split is None:
-            new, out = self.micro(start, batch)
-            metrics = out.metrics
+        inputs = start if narrow is None else narrow(start)
+        if RNG in start.slots:
+            with rng_scope(start.slots[RNG], start.step.device) as rng:
+                new, metrics = run(inputs, batch)
+            new = new._replace(slots={**new.slots, RNG: rng.value})
         else:
-            new, metrics = self._run_chunks(start, batch)
-        new = new._replace(metrics={**new.metrics, **metrics})
+            new, metrics = run(inputs, batch)
+        new = new._replace(metrics={**start.metrics, **new.metrics, **metrics})
         self._check(start, new)
         self.after(new)
         return new
+
+    def _run(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.split is None:
+            new, out = self.micro(state, batch)
+            return new, out.metrics
+        return self._run_chunks(state, batch)
 
     def after(self, state: TrainState) -> None:
         """Run the host-side checks of the stages (see :class:`Stage`)."""
@@ -411,12 +434,18 @@ def weighted_mean(parts: Sequence[Metrics]) -> Metrics:
     return out
 
 
-def init(model: nn.Module, opt: Optimizer) -> TrainState:
+def init(model: nn.Module, opt: Optimizer, *, seed: int | None = None) -> TrainState:
     """Build the initial :class:`TrainState` for ``model`` trained by ``opt``.
 
     The state holds copies of the module's parameters and buffers (the module itself is left
     untouched and serves as a template), the optimizer's fresh state, ``step = 0`` and empty
     ``metrics`` and ``slots``.
+
+    With a ``seed``, the random numbers the step draws (dropout) come from generator states kept
+    in ``state.slots["rng"]`` instead of torch's global generator: the step sets the global
+    generator from the state, runs, stores the advanced generator state in the new state and
+    restores the caller's. Randomness is then part of the state, so a saved state resumes with the
+    same dropout masks, and a step on the same state and batch always gives the same result.
 
     Example:
         >>> import looplib as ll
@@ -434,6 +463,8 @@ def init(model: nn.Module, opt: Optimizer) -> TrainState:
             opt,
             exc=TypeError,
         )
+    if seed is not None:
+        seed = v.nonnegative_int("init", "seed", seed)
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     device = next(iter(params.values())).device if params else torch.device("cpu")
@@ -443,7 +474,7 @@ def init(model: nn.Module, opt: Optimizer) -> TrainState:
         opt_state=opt.init(params),
         step=torch.zeros((), dtype=torch.int64, device=device),
         metrics={},
-        slots={},
+        slots={} if seed is None else {RNG: rng_slot(seed, device)},
     )
 
 
