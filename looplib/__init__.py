@@ -10,6 +10,15 @@ by composing transformers, and the whole training state is one pytree.
 
 from . import optim
 from ._accumulate import AccumulateState, accumulate
+from ._checkpoint import (
+    best_checkpoint,
+    latest_checkpoint,
+    load,
+    load_with_extra,
+    register_checkpoint_type,
+    save,
+    save_rotating,
+)
 from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, compile
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
@@ -28,19 +37,19 @@ __all__ = [
     "AccumulateState",
     "CompiledStep",
     "FitResult",
+    "LossOutput",
     "NonFiniteGradientError",
     "NonFiniteLossError",
-    "SkipState",
-    "LossOutput",
     "Optimizer",
+    "SkipState",
     "Step",
     "TrainState",
     "Transformer",
-    "__version__",
     "accumulate",
     "all_of",
     "any_of",
     "batches_used",
+    "best_checkpoint",
     "chain",
     "clip",
     "clip_by_global_norm",
@@ -50,9 +59,15 @@ __all__ = [
     "fit",
     "fold",
     "init",
+    "latest_checkpoint",
+    "load",
+    "load_with_extra",
     "never",
     "optim",
+    "register_checkpoint_type",
     "sample_count",
+    "save",
+    "save_rotating",
     "scan",
     "skip_nonfinite",
     "split_time",
@@ -60,4 +75,5 @@ __all__ = [
     "tbptt_split",
     "track_norm",
     "train_step",
+    "__version__",
 ]

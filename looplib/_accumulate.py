@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate as v
+from ._checkpoint import register_checkpoint_type
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import select, zeros_like
@@ -16,6 +17,7 @@ SLOT = "accumulate"
 PARTIAL_POLICIES = ("step", "drop", "carry")
 
 
+@register_checkpoint_type
 class AccumulateState(NamedTuple):
     """The ``accumulate`` slot: micro-batches seen in the open window, their total weight, and
     the weighted sum of their gradients."""

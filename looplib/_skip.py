@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate as v
+from ._checkpoint import register_checkpoint_type
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import select
@@ -15,6 +16,7 @@ from ._types import Params, Tensor, TrainState
 SLOT = "skip_nonfinite"
 
 
+@register_checkpoint_type
 class SkipState(NamedTuple):
     """The ``skip_nonfinite`` slot: consecutive and total skipped gradients, and the value of
     ``state.step`` when the last one was skipped (-1 for never)."""

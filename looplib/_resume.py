@@ -1,0 +1,122 @@
+"""Periodic checkpoints of a ``fit`` run, and resuming one bit for bit."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from . import _validate as v
+from ._checkpoint import latest_checkpoint, load_with_extra, save_rotating
+from ._types import History, TrainState
+
+FORMAT = "looplib.fit"
+
+
+class Position(NamedTuple):
+    """Where a run stands: the epoch, the next batch of that epoch, and the batches run in all."""
+
+    epoch: int
+    batch: int
+    done: int
+
+
+class Resumed(NamedTuple):
+    state: TrainState
+    history: History
+    position: Position
+    meter: dict[str, Any] | None
+
+
+def global_rng_states() -> dict[str, torch.Tensor]:
+    """torch's global generator states (CPU, and every CUDA device there is)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            states[f"cuda:{i}"] = torch.cuda.get_rng_state(i)
+    return states
+
+
+def set_global_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    for key, value in states.items():
+        if key.startswith("cuda:") and torch.cuda.is_available():
+            index = int(key.split(":")[1])
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value, index)
+
+
+class Checkpointer:
+    """Writes ``fit``'s checkpoints into one directory and finds the one to resume from.
+
+    A checkpoint holds the state, the partial epoch's metric sums, torch's global generator
+    states, and (as JSON) the history and the position in the data, so that resuming replays
+    exactly what an uninterrupted run would have done.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every_epochs: int,
+        every_batches: int | None,
+        keep_last: int,
+        keep_best: int,
+        monitor: str,
+        mode: str,
+    ) -> None:
+        self.directory = Path(directory)
+        self.every_epochs = every_epochs
+        self.every_batches = every_batches
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+
+    def restore(self) -> Resumed | None:
+        path = latest_checkpoint(self.directory)
+        if path is None:
+            return None
+        tree, extra = load_with_extra(path)
+        if not isinstance(extra, dict) or extra.get("format") != FORMAT:
+            v.fail(
+                "fit",
+                "checkpoint_dir",
+                f"must hold checkpoints written by fit; {path.name} is not one",
+                str(self.directory),
+            )
+        set_global_rng_states(tree["rng"])
+        position = Position(*extra["position"])
+        return Resumed(tree["state"], extra["history"], position, tree["meter"])
+
+    def due(self, position: Position, epoch_end: bool) -> bool:
+        if epoch_end:
+            return (position.epoch + 1) % self.every_epochs == 0
+        return self.every_batches is not None and position.done % self.every_batches == 0
+
+    def save(
+        self,
+        state: TrainState,
+        history: History,
+        position: Position,
+        meter: dict[str, Any] | None,
+        entry: dict[str, float] | None,
+    ) -> Path:
+        metric = None if entry is None else entry.get(self.monitor)
+        if metric is not None and not math.isfinite(metric):
+            metric = None
+        tree = {"state": state, "meter": meter, "rng": global_rng_states()}
+        extra = {"format": FORMAT, "history": history, "position": list(position)}
+        return save_rotating(
+            self.directory,
+            tree,
+            tag=position.done,
+            extra=extra,
+            keep_last=self.keep_last,
+            best_metric=metric,
+            keep_best=self.keep_best,
+            mode=self.mode,
+        )
