@@ -142,6 +142,15 @@ class _EpochMeter:
                 term = value * w
             self.sums[key] = term if key not in self.sums else self.sums[key] + term
 
+    def add_flush(self, metrics: Metrics, updates: torch.Tensor) -> None:
+        """Count the update ``step.flush`` may apply at the end of the epoch (a partial
+        accumulation window): it adds gradient-side values, but no batch and no loss."""
+        self.updates = updates if self.updates is None else self.updates + updates
+        for key in self.grad_keys:
+            value = metrics[key]
+            term = torch.where(updates > 0, value * updates, torch.zeros_like(value))
+            self.sums[key] = term if key not in self.sums else self.sums[key] + term
+
     def means(self) -> dict[str, float]:
         if self.weight is None or self.updates is None:
             return {}
@@ -319,7 +328,9 @@ def fit(
                     "fit", "train_batches", "must yield at least one batch per epoch", train_batches
                 )
             if not reached_max:
-                state = step.flush(state)
+                flushed = step.flush(state)
+                meter.add_flush(flushed.metrics, flushed.step - state.step)
+                state = flushed
             entry: dict[str, float] = {"epoch": epoch, "step": int(state.step)}
             entry["batches"] = meter.batches
             entry.update(meter.means())
