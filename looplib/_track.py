@@ -43,7 +43,7 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
     p = v.norm_type("track_norm", "norm_type", norm_type)
     if not isinstance(per_param, bool):
         v.fail("track_norm", "per_param", "must be a bool", per_param, exc=TypeError)
-    name = f"track_norm({p!r})" + ("" if per_param else ", per_param=False)")
+    name = f"track_norm({p!r}" + ("" if per_param else ", per_param=False") + ")"
 
     def init(state: TrainState) -> TrainState:
         keys = norm_keys(p, list(state.params), per_param)
