@@ -9,6 +9,17 @@ from . import _validate as v
 from ._types import Metrics, TrainState
 
 
+def _check_batches(func: str, batches: Any) -> None:
+    if not isinstance(batches, Iterable):
+        v.fail(
+            func,
+            "batches",
+            "must be an iterable of batches (a list, a DataLoader)",
+            batches,
+            exc=TypeError,
+        )
+
+
 def fold(
     step: Callable[[TrainState, Any], TrainState], state: TrainState, batches: Iterable[Any]
 ) -> TrainState:
@@ -31,6 +42,7 @@ def fold(
         3
     """
     v.is_callable("fold", "step", step, "a step (state, batch) -> state")
+    _check_batches("fold", batches)
     for batch in batches:
         state = step(state, batch)
     return state
@@ -44,6 +56,7 @@ def scan(
     The analogue of ``jax.lax.scan`` with the metrics as the per-step outputs.
     """
     v.is_callable("scan", "step", step, "a step (state, batch) -> state")
+    _check_batches("scan", batches)
     outputs: list[Metrics] = []
     for batch in batches:
         state = step(state, batch)
