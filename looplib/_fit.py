@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -12,6 +13,7 @@ import torch
 
 from . import _validate as v
 from ._compile import CompiledStep
+from ._resume import Checkpointer, Position, global_rng_states, set_global_rng_states
 from ._step import Step, weighted_mean
 from ._stopping import early_stopping, stop_reason
 from ._types import History, Metrics, TrainState, describe
@@ -127,29 +129,27 @@ class _EpochMeter:
         self.updates: torch.Tensor | None = None
         self.batches = 0
 
-    def add(self, metrics: Metrics, updates: torch.Tensor) -> None:
-        w = metrics["weight"]
-        self.weight = w if self.weight is None else self.weight + w
-        self.updates = updates if self.updates is None else self.updates + updates
-        self.batches += 1
-        for key, value in metrics.items():
-            if key == "weight":
-                continue
-            if key in self.grad_keys:
-                # The value after a batch that applied no update is the previous update's.
-                term = torch.where(updates > 0, value * updates, torch.zeros_like(value))
-            else:
-                term = value * w
-            self.sums[key] = term if key not in self.sums else self.sums[key] + term
+    def _sum(self, key: str, term: torch.Tensor) -> None:
+        self.sums[key] = term if key not in self.sums else self.sums[key] + term
 
     def add_flush(self, metrics: Metrics, updates: torch.Tensor) -> None:
-        """Count the update ``step.flush`` may apply at the end of the epoch (a partial
-        accumulation window): it adds gradient-side values, but no batch and no loss."""
+        """Count the updates applied since the last call: they add the gradient-side values
+        (after a batch that applied no update, those are the previous update's, so they get no
+        weight). ``step.flush``'s update at the end of an epoch comes only through here."""
         self.updates = updates if self.updates is None else self.updates + updates
         for key in self.grad_keys:
             value = metrics[key]
-            term = torch.where(updates > 0, value * updates, torch.zeros_like(value))
-            self.sums[key] = term if key not in self.sums else self.sums[key] + term
+            self._sum(key, torch.where(updates > 0, value * updates, torch.zeros_like(value)))
+
+    def add(self, metrics: Metrics, updates: torch.Tensor) -> None:
+        """Count one batch: its loss-side metrics by weight, and its updates."""
+        w = metrics["weight"]
+        self.weight = w if self.weight is None else self.weight + w
+        self.batches += 1
+        for key, value in metrics.items():
+            if key != "weight" and key not in self.grad_keys:
+                self._sum(key, value * w)
+        self.add_flush(metrics, updates)
 
     def means(self) -> dict[str, float]:
         if self.weight is None or self.updates is None:
@@ -160,6 +160,18 @@ class _EpochMeter:
             total = self.sums[key]
             out[key] = total / (self.updates if key in self.grad_keys else self.weight)
         return _to_floats(out)
+
+    def to_tree(self) -> dict[str, Any]:
+        return {
+            "sums": self.sums,
+            "weight": self.weight,
+            "updates": self.updates,
+            "batches": self.batches,
+        }
+
+    def load(self, tree: dict[str, Any]) -> None:
+        self.sums = dict(tree["sums"])
+        self.weight, self.updates, self.batches = tree["weight"], tree["updates"], tree["batches"]
 
 
 def _check_monitors(stop: Any, has_val: bool) -> None:
@@ -190,6 +202,12 @@ def fit(
     progress: bool = True,
     check_finite: bool = True,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_every_batches: int | None = None,
+    keep_last: int = 3,
+    keep_best: int = 1,
+    resume: bool = True,
 ) -> FitResult:
     """Train ``state`` with ``step`` for several epochs, validating and stopping by rule.
 
@@ -236,6 +254,23 @@ def fit(
         check_finite: stop with :class:`NonFiniteLossError` at the first NaN or infinite
             training loss (reads the loss after every batch), keeping the last good state.
         on_epoch_end: called as ``on_epoch_end(state, entry)`` after each epoch (e.g. to save).
+        checkpoint_dir: a directory for periodic checkpoints (see below), or None.
+        checkpoint_every: save after every this many epochs.
+        checkpoint_every_batches: also save after every this many batches (counted over the
+            whole run), mid-epoch included; None for epoch ends only.
+        keep_last: how many of the latest checkpoints to keep.
+        keep_best: how many of the best checkpoints to keep besides, ranked by the early
+            stopping monitor (``val_loss`` with validation, else ``loss``) at epoch ends.
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
+
+    Checkpoints and resuming: with ``checkpoint_dir``, fit writes checkpoints atomically (see
+    :func:`save_rotating`) holding the state, the history, the position in the data, the partial
+    epoch's metric sums and torch's global generator states. Called again with the same
+    directory, it resumes from the latest one and the run continues as if never interrupted, bit
+    for bit on the CPU, mid-epoch included, provided each epoch's batches come in the same order
+    (a list, a function of the epoch, or a DataLoader drawing its shuffle from torch's global
+    generator). A run that already stopped stays stopped. A non-finite loss saves the last good
+    state before raising.
 
     Returns:
         a :class:`FitResult` ``(state, history, stop_reason)``.
@@ -284,28 +319,81 @@ def fit(
         if not isinstance(value, bool):
             v.fail("fit", name, "must be a bool", value, exc=TypeError)
 
+    if checkpoint_every_batches is not None:
+        checkpoint_every_batches = v.positive_int(
+            "fit", "checkpoint_every_batches", checkpoint_every_batches
+        )
+    checkpointer = None
+    if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            v.fail("fit", "checkpoint_dir", "must be a path or None", checkpoint_dir, exc=TypeError)
+        monitor = getattr(stop, "monitor", "val_loss" if has_val else "loss")
+        checkpointer = Checkpointer(
+            checkpoint_dir,
+            every_epochs=v.positive_int("fit", "checkpoint_every", checkpoint_every),
+            every_batches=checkpoint_every_batches,
+            keep_last=v.positive_int("fit", "keep_last", keep_last),
+            keep_best=v.nonnegative_int("fit", "keep_best", keep_best),
+            monitor=monitor,
+            mode=getattr(stop, "mode", "min"),
+        )
+    if not isinstance(resume, bool):
+        v.fail("fit", "resume", "must be a bool", resume, exc=TypeError)
+
     history = [dict(entry) for entry in (history or [])]
+    position = Position(len(history), 0, 0)
+    resumed = checkpointer.restore() if checkpointer is not None and resume else None
+    if resumed is not None:
+        state, position = resumed.state, resumed.position
+        history = [dict(entry) for entry in resumed.history]
+        done = _finished(history, min_epochs, max_epochs, max_steps, stop, state)
+        if done is not None:
+            return FitResult(state, history, done)
     state = step.init(state)
     grad_keys = set(step.init(state._replace(metrics={})).metrics)
     bar = _progress_bar(progress)
     reason = f"max_epochs={max_epochs} reached"
+    done_batches = position.done
     try:
-        for epoch in range(len(history), max_epochs):
+        for epoch in range(position.epoch, max_epochs):
             started = time.perf_counter()
+            mid_epoch = resumed is not None and epoch == position.epoch and position.batch > 0
+            if mid_epoch:
+                assert resumed is not None
+                set_global_rng_states(resumed.epoch_rng)
+            epoch_rng = global_rng_states() if checkpointer is not None else None
             batches = fixed if overfit_fraction > 0 else _epoch_batches(train_batches, epoch)
             if overfit_fraction == 0 and train_fraction < 1:
                 batches = _limit(batches, train_fraction)
             meter = _EpochMeter(grad_keys)
             reached_max = False
-            total = _length(batches)
             if bar is not None:
-                bar.reset(total=total)
+                bar.reset(total=_length(batches))
                 bar.set_description(f"epoch {epoch}")
-            for index, batch in enumerate(batches):
+            iterator = iter(batches)
+            first = 0
+            if mid_epoch:
+                assert resumed is not None and resumed.meter is not None
+                first = position.batch
+                for _ in range(first):
+                    next(iterator)
+                set_global_rng_states(resumed.rng)
+                meter.load(resumed.meter)
+                if bar is not None:
+                    bar.update(first)
+            for index, batch in enumerate(iterator, start=first):
                 before = state
                 state = step(state, batch)
-                meter.add(state.metrics, state.step - before.step)
                 if check_finite and not bool(torch.isfinite(state.metrics["loss"]).all()):
+                    if checkpointer is not None:
+                        checkpointer.save(
+                            before,
+                            history,
+                            Position(epoch, index, done_batches),
+                            None,
+                            None,
+                            epoch_rng,
+                        )
                     raise NonFiniteLossError(
                         f"fit: the training loss is {float(state.metrics['loss'])} at epoch "
                         f"{epoch}, batch {index}; the returned error's .state is the last good "
@@ -316,6 +404,8 @@ def fit(
                         epoch,
                         index,
                     )
+                meter.add(state.metrics, state.step - before.step)
+                done_batches += 1
                 if bar is not None:
                     bar.update(1)
                     if index % 10 == 0:
@@ -323,6 +413,9 @@ def fit(
                 if max_steps is not None and int(state.step) >= max_steps:
                     reached_max = True
                     break
+                here = Position(epoch, index + 1, done_batches)
+                if checkpointer is not None and checkpointer.due(here, epoch_end=False):
+                    checkpointer.save(state, history, here, meter.to_tree(), None, epoch_rng)
             if meter.batches == 0:
                 v.fail(
                     "fit", "train_batches", "must yield at least one batch per epoch", train_batches
@@ -341,18 +434,40 @@ def fit(
             history.append(entry)
             if on_epoch_end is not None:
                 on_epoch_end(state, entry)
-            if reached_max or (max_steps is not None and int(state.step) >= max_steps):
-                reason = f"max_steps={max_steps} reached"
+            if checkpointer is not None and (
+                reached_max or checkpointer.due(Position(epoch, 0, done_batches), epoch_end=True)
+            ):
+                checkpointer.save(
+                    state, history, Position(epoch + 1, 0, done_batches), None, entry, None
+                )
+            finished = _finished(history, min_epochs, max_epochs, max_steps, stop, state)
+            if finished is not None:
+                reason = finished
                 break
-            if stop is not None and epoch + 1 >= min_epochs:
-                fired = stop_reason(stop, history)
-                if fired is not None:
-                    reason = fired
-                    break
     finally:
         if bar is not None:
             bar.close()
     return FitResult(state, history, reason)
+
+
+def _finished(
+    history: History,
+    min_epochs: int,
+    max_epochs: int,
+    max_steps: int | None,
+    stop: Predicate | None,
+    state: TrainState,
+) -> str | None:
+    """Why a run whose last epoch is ``history[-1]`` ends there, or None to go on."""
+    if max_steps is not None and int(state.step) >= max_steps:
+        return f"max_steps={max_steps} reached"
+    if stop is not None and len(history) >= max(min_epochs, 1):
+        fired = stop_reason(stop, history)
+        if fired is not None:
+            return fired
+    if len(history) >= max_epochs:
+        return f"max_epochs={max_epochs} reached"
+    return None
 
 
 def _epoch_batches(train_batches: Any, epoch: int) -> Iterable[Any]:

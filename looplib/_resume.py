@@ -29,6 +29,8 @@ class Resumed(NamedTuple):
     history: History
     position: Position
     meter: dict[str, Any] | None
+    rng: dict[str, torch.Tensor]
+    epoch_rng: dict[str, torch.Tensor] | None
 
 
 def global_rng_states() -> dict[str, torch.Tensor]:
@@ -90,7 +92,9 @@ class Checkpointer:
             )
         set_global_rng_states(tree["rng"])
         position = Position(*extra["position"])
-        return Resumed(tree["state"], extra["history"], position, tree["meter"])
+        return Resumed(
+            tree["state"], extra["history"], position, tree["meter"], tree["rng"], tree["epoch_rng"]
+        )
 
     def due(self, position: Position, epoch_end: bool) -> bool:
         if epoch_end:
@@ -104,11 +108,16 @@ class Checkpointer:
         position: Position,
         meter: dict[str, Any] | None,
         entry: dict[str, float] | None,
+        epoch_rng: dict[str, torch.Tensor] | None,
     ) -> Path:
+        """Save a checkpoint at ``position``: mid-epoch ones carry the epoch's metric sums
+        (``meter``) and the generator states from the epoch's start (``epoch_rng``), to replay
+        the epoch's data order; epoch-end ones carry the epoch's history ``entry``, whose
+        monitored value ranks the checkpoint."""
         metric = None if entry is None else entry.get(self.monitor)
         if metric is not None and not math.isfinite(metric):
             metric = None
-        tree = {"state": state, "meter": meter, "rng": global_rng_states()}
+        tree = {"state": state, "meter": meter, "rng": global_rng_states(), "epoch_rng": epoch_rng}
         extra = {"format": FORMAT, "history": history, "position": list(position)}
         return save_rotating(
             self.directory,

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, TypeAlias
 import torch
 
 from . import _validate
+from ._checkpoint import register_checkpoint_type
 from ._types import Optimizer, Params, Tensor
 
 __all__ = ["AdamState", "SgdState", "adam", "adamw", "sgd"]
@@ -43,6 +44,7 @@ _KEYS_FIX = (
 )
 
 
+@register_checkpoint_type
 class SgdState(NamedTuple):
     """The state of :func:`sgd`.
 
@@ -56,6 +58,7 @@ class SgdState(NamedTuple):
     momentum: dict[str, Tensor]
 
 
+@register_checkpoint_type
 class AdamState(NamedTuple):
     """The state of :func:`adam` and :func:`adamw`.
 
