@@ -396,9 +396,17 @@ class Step:
         return state, weighted_mean(parts)
 
     def _check(self, before: TrainState, after: TrainState) -> None:
+        # The cache key holds every leaf's shape and dtype, not just the tree's structure: a
+        # path that runs only on some calls (an accumulation window closing, the optimizer
+        # under accumulate) must not change a dtype unnoticed after the first call passed.
+        leaves, treespec = optree.tree_flatten(without_metrics(after), none_is_leaf=True)
         spec = (
-            optree.tree_structure(without_metrics(after), none_is_leaf=True),
+            treespec,
             tuple(after.metrics),
+            tuple(
+                (x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+                for x in leaves
+            ),
         )
         if spec == self._checked:
             return

@@ -19,6 +19,10 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# The tests use tiny tensors: one intra-op thread is faster (no OpenMP barriers, which turn
+# pathological when the cores are shared) and keeps reductions in one order.
+torch.set_num_threads(1)
+
 _COMMON = {
     "deadline": None,  # a first torch call can take far longer than later ones
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
