@@ -1,0 +1,124 @@
+"""The public API is pinned: adding or removing a name is a deliberate change to this file.
+
+The docstring examples of the core modules run here too, so a plain ``pytest tests`` checks
+them (``--doctest-modules`` also collects them when ``looplib/`` is passed to pytest).
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import inspect
+
+import pytest
+
+import looplib as ll
+
+PUBLIC = [
+    "AccumulateState",
+    "CompiledStep",
+    "FitResult",
+    "LossOutput",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "Optimizer",
+    "SkipState",
+    "Step",
+    "TrainState",
+    "Transformer",
+    "accumulate",
+    "all_of",
+    "any_of",
+    "batches_used",
+    "best_checkpoint",
+    "chain",
+    "clip",
+    "clip_by_global_norm",
+    "compile",
+    "early_stopping",
+    "evaluate",
+    "fit",
+    "fold",
+    "init",
+    "latest_checkpoint",
+    "load",
+    "load_with_extra",
+    "never",
+    "optim",
+    "register_checkpoint_type",
+    "sample_count",
+    "save",
+    "save_rotating",
+    "scan",
+    "skip_nonfinite",
+    "split_time",
+    "stop_reason",
+    "tbptt_split",
+    "track_norm",
+    "train_step",
+    "__version__",
+]
+
+CORE_MODULES = [
+    "looplib",
+    "looplib._accumulate",
+    "looplib._clip",
+    "looplib._fold",
+    "looplib._step",
+    "looplib._tbptt",
+    "looplib._track",
+    "looplib._transform",
+    "looplib._tree",
+    "looplib._types",
+    "looplib._validate",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert ll.__all__ == PUBLIC
+
+
+def test_every_public_name_exists_and_nothing_private_is_exported() -> None:
+    for name in ll.__all__:
+        assert hasattr(ll, name), name
+        assert not name.startswith("_") or name == "__version__", name
+    assert len(set(ll.__all__)) == len(ll.__all__)
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict = {}
+    exec("from looplib import *", namespace)
+    assert sorted(k for k in namespace if k != "__builtins__") == sorted(PUBLIC)
+
+
+def test_version() -> None:
+    assert ll.__version__ == "0.1.0"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "accumulate",
+        "chain",
+        "clip",
+        "clip_by_global_norm",
+        "fold",
+        "init",
+        "sample_count",
+        "scan",
+        "split_time",
+        "tbptt_split",
+        "track_norm",
+        "train_step",
+    ],
+)
+def test_core_functions_are_documented(name: str) -> None:
+    doc = inspect.getdoc(getattr(ll, name))
+    assert doc and len(doc.splitlines()) >= 3, f"{name} needs a docstring with its semantics"
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_doctests_of_the_core_modules_pass(module: str) -> None:
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.failed == 0, f"{result.failed} doctest(s) failed in {module}"
