@@ -399,7 +399,9 @@ class Step:
         # The cache key holds every leaf's shape and dtype, not just the tree's structure: a
         # path that runs only on some calls (an accumulation window closing, the optimizer
         # under accumulate) must not change a dtype unnoticed after the first call passed.
-        leaves, treespec = optree.tree_flatten(without_metrics(after), none_is_leaf=True)
+        tree: Any = without_metrics(after)
+        leaves: list[Any]
+        leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
         spec = (
             treespec,
             tuple(after.metrics),
