@@ -51,10 +51,13 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
             return state
         dtype = promote_dtype(state.params)
         device = state.step.device
-        nan = torch.full((), float("nan"), dtype=dtype, device=device)
-        return state._replace(
-            metrics={**state.metrics, **{k: nan for k in keys if k not in state.metrics}}
-        )
+        # One tensor per key: aliased leaves in a state would make a compiled step retrace.
+        missing = {
+            k: torch.full((), float("nan"), dtype=dtype, device=device)
+            for k in keys
+            if k not in state.metrics
+        }
+        return state._replace(metrics={**state.metrics, **missing})
 
     def wrap(inner: ApplyFn) -> ApplyFn:
         def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
