@@ -160,13 +160,17 @@ def chains(draw) -> ll.Transformer:
     t=st.integers(1, 6),
     adam=st.booleans(),
     seed=st.integers(0, 2**16),
+    rng_in_state=st.booleans(),
 )
-def test_no_random_chain_mutates_its_input(transformer, n_batches, t, adam, seed) -> None:
+def test_no_random_chain_mutates_its_input(
+    transformer, n_batches, t, adam, seed, rng_in_state
+) -> None:
     model = sequence_model(seed=seed % 3)
     opt = ll.optim.adam(0.05) if adam else ll.optim.sgd(0.1, momentum=0.9)
     step = transformer(ll.train_step(model, sequence_loss, opt))
     batches = [sequence_batch(b=3, t=t, seed=seed + i) for i in range(n_batches)]
-    run_contract(step, ll.init(model, opt), batches)
+    state = ll.init(model, opt, seed=seed if rng_in_state else None)
+    run_contract(step, state, batches)
 
 
 # --------------------------------------------------------------------------- chain

@@ -286,6 +286,20 @@ def test_init_rejects_bad_arguments() -> None:
         ll.init(mlp(), (1, 2))
 
 
+@pytest.mark.parametrize(
+    ("seed", "exc"), [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)]
+)
+def test_init_rejects_a_bad_seed(seed, exc) -> None:
+    shown = repr(seed)
+    with pytest.raises(
+        exc,
+        match="^"
+        + re.escape(f"init(seed={shown}): seed must be a non-negative int, got {shown}.")
+        + "$",
+    ):
+        ll.init(mlp(), ll.optim.sgd(0.1), seed=seed)
+
+
 def test_step_rejects_a_state_that_is_not_a_train_state() -> None:
     model, opt = mlp(), ll.optim.sgd(0.1)
     step = ll.train_step(model, mse, opt)
