@@ -21,6 +21,16 @@ from ._checkpoint import (
 )
 from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, compile
+from ._distributed import (
+    agree,
+    all_reduce_metrics,
+    broadcast_state,
+    check_same_state,
+    is_main_process,
+    pmean,
+    shard,
+    world,
+)
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
@@ -46,11 +56,15 @@ __all__ = [
     "TrainState",
     "Transformer",
     "accumulate",
+    "agree",
     "all_of",
+    "all_reduce_metrics",
     "any_of",
     "batches_used",
     "best_checkpoint",
+    "broadcast_state",
     "chain",
+    "check_same_state",
     "clip",
     "clip_by_global_norm",
     "compile",
@@ -59,21 +73,25 @@ __all__ = [
     "fit",
     "fold",
     "init",
+    "is_main_process",
     "latest_checkpoint",
     "load",
     "load_with_extra",
     "never",
     "optim",
+    "pmean",
     "register_checkpoint_type",
     "sample_count",
     "save",
     "save_rotating",
     "scan",
+    "shard",
     "skip_nonfinite",
     "split_time",
     "stop_reason",
     "tbptt_split",
     "track_norm",
     "train_step",
+    "world",
     "__version__",
 ]
