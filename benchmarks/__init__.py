@@ -1,0 +1,1 @@
+"""Benchmarks: looplib against a hand-written PyTorch loop and PyTorch Lightning."""
