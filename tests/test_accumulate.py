@@ -458,3 +458,18 @@ def test_accumulate_applies_only_to_a_step() -> None:
 def test_repr() -> None:
     assert repr(ll.accumulate(4)) == "accumulate(4)"
     assert repr(ll.accumulate(4, partial="carry")) == "accumulate(4, partial='carry')"
+
+
+def test_a_window_of_zero_weight_gives_a_zero_gradient_not_nan() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = ll.optim.sgd(0.1)
+
+    def weightless(m: torch.nn.Module, batch: torch.Tensor) -> ll.LossOutput:
+        return ll.LossOutput(m(batch).pow(2).mean(), weight=0.0)
+
+    step = ll.accumulate(2)(ll.train_step(model, weightless, opt))
+    state = ll.init(model, opt)
+    after = ll.fold(step, state, [torch.ones(4, 3), torch.ones(4, 3)])
+    assert int(after.step) == 1
+    for key in state.params:
+        assert torch.equal(after.params[key], state.params[key])
