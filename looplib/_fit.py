@@ -383,6 +383,11 @@ def fit(
                     bar.update(first)
             for index, batch in enumerate(iterator, start=first):
                 before = state
+                # The generators before this batch: a checkpoint of the last good state must
+                # replay the batch's random draws (at batch 0, from the epoch's start).
+                rng_before = None
+                if checkpointer is not None and check_finite:
+                    rng_before = epoch_rng if index == 0 else global_rng_states()
                 state = step(state, batch)
                 if check_finite and not bool(torch.isfinite(state.metrics["loss"]).all()):
                     if checkpointer is not None:
@@ -390,9 +395,10 @@ def fit(
                             before,
                             history,
                             Position(epoch, index, done_batches),
-                            None,
+                            meter.to_tree() if index > 0 else None,
                             None,
                             epoch_rng,
+                            rng=rng_before,
                         )
                     raise NonFiniteLossError(
                         f"fit: the training loss is {float(state.metrics['loss'])} at epoch "

@@ -82,7 +82,16 @@ class Checkpointer:
         path = latest_checkpoint(self.directory)
         if path is None:
             return None
-        tree, extra = load_with_extra(path)
+        try:
+            tree, extra = load_with_extra(path)
+        except (ValueError, OSError) as e:
+            v.add_note(
+                e,
+                f"fit: while resuming from {path}, the latest checkpoint in checkpoint_dir; "
+                "fit never skips a checkpoint it cannot read. Restore the file, or pass "
+                "resume=False (or another checkpoint_dir) to start over.",
+            )
+            raise
         if not isinstance(extra, dict) or extra.get("format") != FORMAT:
             v.fail(
                 "fit",
@@ -109,15 +118,22 @@ class Checkpointer:
         meter: dict[str, Any] | None,
         entry: dict[str, float] | None,
         epoch_rng: dict[str, torch.Tensor] | None,
+        rng: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Save a checkpoint at ``position``: mid-epoch ones carry the epoch's metric sums
         (``meter``) and the generator states from the epoch's start (``epoch_rng``), to replay
         the epoch's data order; epoch-end ones carry the epoch's history ``entry``, whose
-        monitored value ranks the checkpoint."""
+        monitored value ranks the checkpoint. ``rng`` is the generator states to resume with
+        (default: the current ones)."""
         metric = None if entry is None else entry.get(self.monitor)
         if metric is not None and not math.isfinite(metric):
             metric = None
-        tree = {"state": state, "meter": meter, "rng": global_rng_states(), "epoch_rng": epoch_rng}
+        tree = {
+            "state": state,
+            "meter": meter,
+            "rng": global_rng_states() if rng is None else rng,
+            "epoch_rng": epoch_rng,
+        }
         extra = {"format": FORMAT, "history": history, "position": list(position)}
         return save_rotating(
             self.directory,

@@ -115,3 +115,15 @@ def norm_type(func: str, arg: str, value: Any) -> float:
     if math.isnan(x) or x <= 0:
         fail(func, arg, rule, value)
     return x
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` where it arose, keeping the error's type and message intact.
+
+    Python 3.11+ shows notes under the message in the traceback (``exc.__notes__``); on older
+    Pythons the note is appended to the message instead.
+    """
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
