@@ -28,6 +28,7 @@ from torch import nn
 from . import _validate as v
 from ._rng import SLOT as RNG
 from ._rng import rng_scope, rng_slot
+from ._swap import Swapper
 from ._tree import detach, structure_difference, without_metrics
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
@@ -152,9 +153,13 @@ class _Bound(nn.Module):
         self._loss_fn = loss_fn
 
     def forward(self, batch: Any, carry: Any) -> Any:
-        if carry is NO_CARRY:
-            return self._loss_fn(self.model, batch)
-        return self._loss_fn(self.model, batch, carry)
+        return call_loss(self._loss_fn, self.model, batch, carry)
+
+
+def call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, carry: Any) -> Any:
+    if carry is NO_CARRY:
+        return loss_fn(model, batch)
+    return loss_fn(model, batch, carry)
 
 
 def _as_loss_output(out: Any) -> LossOutput:
@@ -212,13 +217,14 @@ class Step:
         self.stages = stages
         self.split = split
         self._bound = _Bound(model, loss_fn)
+        self._swapper = Swapper(model)
         self._names = [f"model.{name}" for name, _ in model.named_parameters()]
         self._buffer_names = [f"model.{name}" for name, _ in model.named_buffers()]
         apply: ApplyFn = self._optimizer_apply
         for stage in reversed(stages):
             apply = stage.wrap(apply)
         self.apply: ApplyFn = apply
-        self._checked: Any = None
+        self._checked: set[Any] = set()
 
     # -- construction ----------------------------------------------------------------------
     def replace(
@@ -249,9 +255,14 @@ class Step:
     def _run_loss(
         self, params: list[Tensor], buffers: list[Tensor], batch: Any, carry: Any
     ) -> LossOutput:
-        tensors: dict[str, Tensor] = dict(zip(self._names, params, strict=True))
-        tensors.update(zip(self._buffer_names, buffers, strict=True))
-        raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
+        if torch.compiler.is_compiling():
+            tensors: dict[str, Tensor] = dict(zip(self._names, params, strict=True))
+            tensors.update(zip(self._buffer_names, buffers, strict=True))
+            raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
+        else:
+            raw, buffers[:] = self._swapper.call(
+                params, buffers, lambda: call_loss(self.loss_fn, self.model, batch, carry)
+            )
         return _as_loss_output(raw)
 
     def _metrics(self, out: LossOutput, batch: Any) -> Metrics:
@@ -396,34 +407,33 @@ class Step:
         return state, weighted_mean(parts)
 
     def _check(self, before: TrainState, after: TrainState) -> None:
-        # The cache key holds every leaf's shape and dtype, not just the tree's structure: a
-        # path that runs only on some calls (an accumulation window closing, the optimizer
-        # under accumulate) must not change a dtype unnoticed after the first call passed.
-        tree: Any = without_metrics(after)
-        leaves: list[Any]
-        leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True)
-        spec = (
-            treespec,
+        """Check that ``after`` has the structure, shapes and dtypes of ``before``.
+
+        The full check (every leaf) runs once for each way a call can go: keyed by the tree's
+        structure, the metric names, and whether an update was applied (``state.step`` replaced)
+        or held back (an accumulation window still open, a skipped step). A path that runs only
+        on some calls therefore gets checked the first time it runs; later calls along a checked
+        path pay only for comparing the tree structure.
+        """
+        key = (
+            optree.tree_structure(without_metrics(after), none_is_leaf=True),
             tuple(after.metrics),
-            tuple(
-                (x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
-                for x in leaves
-            ),
+            after.step is before.step,
         )
-        if spec == self._checked:
+        if key in self._checked:
             return
         fresh = "loss" not in before.metrics
         bad = structure_difference(without_metrics(before), without_metrics(after))
         if bad is None and not fresh and set(before.metrics) != set(after.metrics):
             bad = f"state.metrics keys changed from {sorted(before.metrics)} to {sorted(after.metrics)}"
         if bad is None:
-            for key, value in after.metrics.items():
+            for name, value in after.metrics.items():
                 if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                    bad = f"state.metrics[{key!r}] must be a one-element tensor, got {describe(value)}"
+                    bad = f"state.metrics[{name!r}] must be a one-element tensor, got {describe(value)}"
                     break
         if bad is not None:
             raise ValueError(f"{self!r}: {bad}. {STRUCTURE_HELP}")
-        self._checked = spec
+        self._checked.add(key)
 
 
 def weighted_mean(parts: Sequence[Metrics]) -> Metrics:
