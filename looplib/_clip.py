@@ -9,7 +9,7 @@ import torch
 from . import _validate as v
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
-from ._tree import norms, total_norm
+from ._tree import norms_of
 from ._types import Params, Tensor, TrainState
 
 EPS = 1e-6
@@ -25,7 +25,7 @@ def clip_by_global_norm(
     sync, no Python branch), so the result equals ``clip_grad_norm_`` bit for bit.
     """
     g = list(grads.values())
-    total = total_norm(norms(g, norm_type), norm_type)
+    _, total = norms_of(grads, norm_type)
     coef = torch.clamp(max_norm / (total + EPS), max=1.0)
     scaled = torch._foreach_mul(g, coef) if g else []
     return dict(zip(grads.keys(), scaled, strict=True)), total

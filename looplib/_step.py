@@ -29,7 +29,7 @@ from . import _validate as v
 from ._rng import SLOT as RNG
 from ._rng import rng_scope, rng_slot
 from ._swap import Swapper
-from ._tree import detach, structure_difference, without_metrics
+from ._tree import Grads, detach, structure_difference, without_metrics
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
 ApplyFn = Callable[[TrainState, Params, Tensor], TrainState]
@@ -296,7 +296,7 @@ class Step:
         grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
         metrics = self._metrics(out, batch)
         return GradOut(
-            dict(zip(state.params.keys(), grads, strict=True)),
+            Grads(zip(state.params.keys(), grads, strict=True)),
             metrics["weight"],
             metrics,
             dict(zip(state.buffers.keys(), buffers, strict=True)),

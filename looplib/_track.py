@@ -7,7 +7,7 @@ import torch
 from . import _validate as v
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
-from ._tree import norm_name, norms, promote_dtype, total_norm
+from ._tree import norm_name, norms_of, promote_dtype
 from ._types import Params, Tensor, TrainState
 
 
@@ -61,9 +61,9 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
 
     def wrap(inner: ApplyFn) -> ApplyFn:
         def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
-            each = norms(list(grads.values()), p)
+            each, total = norms_of(grads, p)
             keys = norm_keys(p, list(grads), per_param)
-            values = [*each, total_norm(each, p)] if per_param else [total_norm(each, p)]
+            values = [*each, total] if per_param else [total]
             metrics = {**state.metrics, **dict(zip(keys, values, strict=True))}
             return inner(state._replace(metrics=metrics), grads, weight)
 

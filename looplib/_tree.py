@@ -52,6 +52,30 @@ def norm_name(p: float) -> str:
     return "inf" if math.isinf(p) else str(float(p))
 
 
+class Grads(dict):  # type: ignore[type-arg]
+    """A gradient dict that remembers its norms, so ``track_norm`` and ``clip`` standing side by
+    side in a chain compute them once. A stage that changes the gradient returns a new dict
+    (a plain one, or a fresh ``Grads``), so a remembered norm always belongs to these values."""
+
+    __slots__ = ("memo",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.memo: dict[float, tuple[list[Tensor], Tensor]] = {}
+
+
+def norms_of(grads: Params, p: float) -> tuple[list[Tensor], Tensor]:
+    """The p-norm of each gradient and of all together, computed once per :class:`Grads`."""
+    memo = grads.memo if isinstance(grads, Grads) else None
+    if memo is not None and p in memo:
+        return memo[p]
+    each = norms(list(grads.values()), p)
+    result = (each, total_norm(each, p))
+    if memo is not None:
+        memo[p] = result
+    return result
+
+
 def promote_dtype(params: Params) -> torch.dtype:
     dtype = torch.float32
     for i, v in enumerate(params.values()):
