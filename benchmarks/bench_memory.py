@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     c.setup(args)
     workloads = c.parse_list(args.workloads, list(c.WORKLOADS), "workloads")
-    default = [n for n in c.CONTESTANTS if not (args.quick and n == "looplib_compiled")]
+    default = [n for n in c.CONTESTANTS if not (args.quick and n.startswith("looplib_c"))]
     names = c.parse_list(args.contestants or ",".join(default), c.CONTESTANTS, "contestants")
     steps = 2 if args.quick else args.steps
 

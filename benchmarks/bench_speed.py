@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = c.parse_list(args.workloads, list(c.WORKLOADS), "workloads")
     # Compiling takes tens of seconds per workload on a small CPU: --quick leaves it out
     # unless it is asked for by name.
-    default = [n for n in c.CONTESTANTS if not (args.quick and n == "looplib_compiled")]
+    default = [n for n in c.CONTESTANTS if not (args.quick and n.startswith("looplib_c"))]
     names = c.parse_list(args.contestants or ",".join(default), c.CONTESTANTS, "contestants")
     repeats = 2 if args.quick else args.repeats
     with_memory = not (args.no_memory or args.quick)

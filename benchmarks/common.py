@@ -48,7 +48,9 @@ from torch import nn  # noqa: E402
 import looplib as ll  # noqa: E402
 
 LR = 1e-3
-CONTESTANTS = ("hand", "lightning", "looplib", "looplib_compiled")
+CONTESTANTS = ("hand", "lightning", "looplib", "looplib_compiled", "looplib_cudagraphs")
+"""``looplib_cudagraphs`` is the compiled step under CUDA graphs (``mode="reduce-overhead"``,
+with the donation contract); it runs on CUDA only."""
 CHECK_UNITS = 2
 """Units run before the parameters are compared. Adam turns one-ulp differences (a different but
 equally exact rounding of the update) into differences of up to ``lr`` within a few steps on
@@ -351,13 +353,18 @@ def looplib_step(p: Problem, model: nn.Module, opt: ll.Optimizer) -> ll.Step:
     return base
 
 
-def build_looplib(p: Problem, compiled: bool = False) -> Eager:
+def build_looplib(p: Problem, compiled: bool = False, cudagraphs: bool = False) -> Eager:
     if compiled and not hasattr(ll, "compile"):
         raise Skip("looplib has no compile() in this version")
+    if cudagraphs and p.device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
     model = p.fresh_model()
     opt = ll.optim.adam(lr=LR)
     step = looplib_step(p, model, opt)
-    if compiled:
+    if cudagraphs:
+        # Donation: each state is passed to the step once and never used again.
+        step = ll.compile(step, mode="reduce-overhead", donate=True)  # type: ignore[attr-defined]
+    elif compiled:
         step = ll.compile(step)  # type: ignore[attr-defined]
     box = [ll.init(model, opt)]
 
@@ -528,6 +535,8 @@ def build(name: str, p: Problem) -> Any:
         return build_looplib(p)
     if name == "looplib_compiled":
         return build_looplib(p, compiled=True)
+    if name == "looplib_cudagraphs":
+        return build_looplib(p, compiled=True, cudagraphs=True)
     if name == "lightning":
         return LightningRunner(p)
     raise ValueError(name)
