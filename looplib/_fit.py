@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -104,10 +104,41 @@ def evaluate(
     """
     if not isinstance(step, (Step, CompiledStep)):
         v.fail("evaluate", "step", "must be a looplib Step", step, exc=TypeError)
-    parts = [step.evaluate(state, batch) for batch in batches]
+    parts = []
+    for index, batch in enumerate(batches):
+        try:
+            parts.append(step.evaluate(state, batch))
+        except Exception as e:
+            v.add_note(e, f"evaluate: while evaluating batch {index}: {layout(batch)}")
+            raise
     if not parts:
         return {}
     return _to_floats(weighted_mean(parts), skip=("weight",))
+
+
+def layout(batch: Any, depth: int = 0) -> str:
+    """A batch's structure for error notes: containers as written, tensors by shape and dtype.
+
+    >>> layout((torch.zeros(8, 3), {"y": torch.zeros(8, dtype=torch.int64)}))
+    "(Tensor(shape=(8, 3), dtype=torch.float32), {'y': Tensor(shape=(8,), dtype=torch.int64)})"
+    """
+    if isinstance(batch, torch.Tensor):
+        return describe(batch)
+    if depth >= 4:
+        return "..."
+    if isinstance(batch, Mapping):
+        items = [f"{k!r}: {layout(x, depth + 1)}" for k, x in list(batch.items())[:6]]
+        more = [f"... ({len(batch)} entries)"] if len(batch) > 6 else []
+        return "{" + ", ".join(items + more) + "}"
+    if isinstance(batch, (list, tuple)):
+        items = [layout(x, depth + 1) for x in batch[:6]]
+        more = [f"... ({len(batch)} items)"] if len(batch) > 6 else []
+        text = ", ".join(items + more)
+        if isinstance(batch, list):
+            return f"[{text}]"
+        name = type(batch).__name__ if hasattr(batch, "_fields") else ""
+        return f"{name}({text}{',' if len(batch) == 1 and not name else ''})"
+    return describe(batch, 40)
 
 
 def _to_floats(metrics: Metrics, skip: Sequence[str] = ()) -> dict[str, float]:
@@ -272,6 +303,10 @@ def fit(
     generator). A run that already stopped stays stopped. A non-finite loss saves the last good
     state before raising.
 
+    An error raised while a batch runs (a batch of the wrong shape or type, say) propagates
+    unchanged, with a note (``exc.__notes__``) naming the epoch, the batch index, the batch's
+    layout and that of the run's first batch.
+
     Returns:
         a :class:`FitResult` ``(state, history, stop_reason)``.
     """
@@ -354,6 +389,7 @@ def fit(
     bar = _progress_bar(progress)
     reason = f"max_epochs={max_epochs} reached"
     done_batches = position.done
+    first_layout: tuple[int, int, str] | None = None
     try:
         for epoch in range(position.epoch, max_epochs):
             started = time.perf_counter()
@@ -388,7 +424,13 @@ def fit(
                 rng_before = None
                 if checkpointer is not None and check_finite:
                     rng_before = epoch_rng if index == 0 else global_rng_states()
-                state = step(state, batch)
+                try:
+                    state = step(state, batch)
+                except Exception as e:
+                    v.add_note(e, _batch_note(epoch, index, batch, first_layout))
+                    raise
+                if first_layout is None:
+                    first_layout = (epoch, index, layout(batch))
                 if check_finite and not bool(torch.isfinite(state.metrics["loss"]).all()):
                     if checkpointer is not None:
                         checkpointer.save(
@@ -474,6 +516,14 @@ def _finished(
     if len(history) >= max_epochs:
         return f"max_epochs={max_epochs} reached"
     return None
+
+
+def _batch_note(epoch: int, index: int, batch: Any, first: tuple[int, int, str] | None) -> str:
+    """Where a step failed inside ``fit``, and the layout of the first batch that ran."""
+    note = f"fit: while training on epoch {epoch}, batch {index}: {layout(batch)}"
+    if first is not None and first[2] != layout(batch):
+        note += f"; the first batch of this run (epoch {first[0]}, batch {first[1]}) was {first[2]}"
+    return note + "."
 
 
 def _epoch_batches(train_batches: Any, epoch: int) -> Iterable[Any]:
