@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any
 
@@ -20,15 +19,6 @@ FALLBACK_WARNING = (
     "ll.compile: this step could not be captured as one graph, so it runs eagerly instead "
     "(same results, eager speed). The compiler said: {error}"
 )
-
-
-def _tracing_autograd() -> Any:
-    """Let the compiler trace ``torch.autograd.grad`` into the graph (a switch in recent torch;
-    older releases trace it without one)."""
-    config = torch._dynamo.config
-    if hasattr(config, "trace_autograd_ops"):
-        return config.patch(trace_autograd_ops=True)
-    return contextlib.nullcontext()
 
 
 class CompiledStep:
@@ -78,8 +68,7 @@ class CompiledStep:
             try:
                 if self.donate and self.mode in CUDAGRAPH_MODES:
                     torch.compiler.cudagraph_mark_step_begin()
-                with _tracing_autograd():
-                    return self._compiled(state, batch, carry)
+                return self._compiled(state, batch, carry)
             except Exception as error:  # the compiler's errors have no common base class
                 self.eager = True
                 self.error = (

@@ -162,6 +162,10 @@ def call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, carry: 
     return loss_fn(model, batch, carry)
 
 
+def _none_if_empty(x: Any) -> Any:
+    return None if isinstance(x, tuple) and not x else x
+
+
 def _as_loss_output(out: Any) -> LossOutput:
     if isinstance(out, LossOutput):
         result = out
@@ -287,13 +291,16 @@ class Step:
 
     def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
         """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
-        leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
         buffers = [b.clone() for b in state.buffers.values()]
         if not self.model.training:
             self.model.train()
-        with torch.enable_grad():
-            out = self._run_loss(leaves, buffers, batch, carry)
-        grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
+        if torch.compiler.is_compiling():
+            grads, out = self._traced_gradient(list(state.params.values()), buffers, batch, carry)
+        else:
+            leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
+            with torch.enable_grad():
+                out = self._run_loss(leaves, buffers, batch, carry)
+            grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
         metrics = self._metrics(out, batch)
         return GradOut(
             Grads(zip(state.params.keys(), grads, strict=True)),
@@ -302,6 +309,25 @@ class Step:
             dict(zip(state.buffers.keys(), buffers, strict=True)),
             out.carry,
         )
+
+    def _traced_gradient(
+        self, params: list[Tensor], buffers: list[Tensor], batch: Any, carry: Any
+    ) -> tuple[Sequence[Tensor], LossOutput]:
+        """The gradient as the compiler traces it: ``torch.func.grad_and_value`` (fresh leaves
+        made with ``requires_grad_`` cannot be traced). The buffers go in as inputs of the
+        transformed function, so a module may update them in place (BatchNorm)."""
+
+        def loss_of(params: list[Tensor], buffers: list[Tensor]) -> tuple[Tensor, Any]:
+            out = self._run_loss(params, buffers, batch, carry)
+            # The transform's outputs must be tensors: () stands for None.
+            weight = () if out.weight is None else torch.as_tensor(out.weight)
+            new_carry = () if out.carry is None else out.carry
+            return out.loss.reshape(()), (dict(out.metrics or {}), new_carry, weight, out.loss)
+
+        grads, (_, (metrics, new_carry, weight, loss)) = torch.func.grad_and_value(
+            loss_of, has_aux=True
+        )(params, buffers)
+        return grads, LossOutput(loss, metrics, _none_if_empty(new_carry), _none_if_empty(weight))
 
     def evaluate(self, state: TrainState, batch: Any) -> Metrics:
         """The loss metrics of one batch in eval mode, without gradients (as tensors).
