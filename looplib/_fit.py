@@ -10,9 +10,11 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from . import _validate as v
 from ._compile import CompiledStep
+from ._distributed import agree, all_reduce_metrics, broadcast_state, shard, world
 from ._resume import Checkpointer, Position, global_rng_states, set_global_rng_states
 from ._step import Step, weighted_mean
 from ._stopping import early_stopping, stop_reason
@@ -97,7 +99,8 @@ def evaluate(
 
     Every metric the loss returns (and ``loss``) is averaged over all samples of all batches
     (weighted by each batch's weight, the sample count by default), then turned into a Python
-    float with one host sync.
+    float with one host sync. Under ``torch.distributed`` each rank passes its own batches and
+    the average is over all ranks' samples, the same on every rank.
 
     Returns:
         ``{"loss": ..., **metrics}`` as floats (no ``weight`` key); ``{}`` for no batches.
@@ -113,7 +116,10 @@ def evaluate(
             raise
     if not parts:
         return {}
-    return _to_floats(weighted_mean(parts), skip=("weight",))
+    means = weighted_mean(parts)
+    floats = _to_floats(means)
+    total = floats.pop("weight")
+    return all_reduce_metrics({k: x * total for k, x in floats.items()}, total)
 
 
 def layout(batch: Any, depth: int = 0) -> str:
@@ -147,6 +153,10 @@ def _to_floats(metrics: Metrics, skip: Sequence[str] = ()) -> dict[str, float]:
         return {}
     values = torch.stack([metrics[k].detach().reshape(()).to(torch.float64).cpu() for k in keys])
     return dict(zip(keys, values.tolist(), strict=True))
+
+
+_WEIGHT = "\0weight"
+_UPDATES = "\0updates"
 
 
 class _EpochMeter:
@@ -183,14 +193,17 @@ class _EpochMeter:
         self.add_flush(metrics, updates)
 
     def means(self) -> dict[str, float]:
+        """The epoch's averages as floats (one host sync), over all ranks when distributed:
+        loss-side metrics by weight, gradient-side ones by updates."""
         if self.weight is None or self.updates is None:
             return {}
-        out = {}
-        order = sorted(self.sums, key=lambda k: k in self.grad_keys)
-        for key in order:
-            total = self.sums[key]
-            out[key] = total / (self.updates if key in self.grad_keys else self.weight)
-        return _to_floats(out)
+        loss_keys = [k for k in self.sums if k not in self.grad_keys]
+        grad_keys = [k for k in self.sums if k in self.grad_keys]
+        totals = {**self.sums, _WEIGHT: self.weight, _UPDATES: self.updates}
+        floats = _to_floats(totals)
+        means = all_reduce_metrics({k: floats[k] for k in loss_keys}, floats[_WEIGHT])
+        means.update(all_reduce_metrics({k: floats[k] for k in grad_keys}, floats[_UPDATES]))
+        return means
 
     def to_tree(self) -> dict[str, Any]:
         return {
@@ -239,6 +252,7 @@ def fit(
     keep_last: int = 3,
     keep_best: int = 1,
     resume: bool = True,
+    shard_data: bool | None = None,
 ) -> FitResult:
     """Train ``state`` with ``step`` for several epochs, validating and stopping by rule.
 
@@ -293,6 +307,9 @@ def fit(
         keep_best: how many of the best checkpoints to keep besides, ranked by the early
             stopping monitor (``val_loss`` with validation, else ``loss``) at epoch ends.
         resume: continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
+        shard_data: under ``torch.distributed``, whether fit gives each rank its share of the
+            batches (see below); None shards sequences and trusts a ``DataLoader`` with a
+            ``DistributedSampler``; False means every rank already yields its own batches.
 
     Checkpoints and resuming: with ``checkpoint_dir``, fit writes checkpoints atomically (see
     :func:`save_rotating`) holding the state, the history, the position in the data, the partial
@@ -306,6 +323,16 @@ def fit(
     An error raised while a batch runs (a batch of the wrong shape or type, say) propagates
     unchanged, with a note (``exc.__notes__``) naming the epoch, the batch index, the batch's
     layout and that of the run's first batch.
+
+    Data parallel: run one process per rank (``torchrun``) with a process group initialized
+    and ``pmean()`` in the chain. Then fit broadcasts the state from rank 0 at the start, gives
+    rank r of N the batches ``r, r + N, ...`` of each epoch's sequence (see :func:`shard`; a
+    ``DataLoader`` with a ``DistributedSampler`` gets its ``set_epoch`` instead), averages the
+    epoch's training and validation metrics over all ranks (so the history, and every decision
+    taken on it, is the same on every rank), checks the loss's finiteness on all ranks together
+    (one rank's NaN stops them all, with no rank left waiting), shows progress and writes
+    checkpoints on rank 0 only. Checkpoints are taken at epoch ends, where the state is the same
+    on every rank, so a run checkpointed on N ranks resumes on M.
 
     Returns:
         a :class:`FitResult` ``(state, history, stop_reason)``.
@@ -375,6 +402,21 @@ def fit(
     if not isinstance(resume, bool):
         v.fail("fit", "resume", "must be a bool", resume, exc=TypeError)
 
+    if shard_data is not None and not isinstance(shard_data, bool):
+        v.fail("fit", "shard_data", "must be True, False or None", shard_data, exc=TypeError)
+    rank, size = world()
+    if size > 1:
+        if checkpoint_every_batches is not None:
+            v.fail(
+                "fit",
+                "checkpoint_every_batches",
+                f"is not supported under torch.distributed ({size} ranks): a mid-epoch position "
+                "and the epoch's partial sums differ from rank to rank",
+                checkpoint_every_batches,
+                fix="Checkpoint at epoch ends (checkpoint_every=...), where every rank agrees.",
+            )
+        if val is not None:
+            val = _for_rank("val", val, size, shard_data)
     history = [dict(entry) for entry in (history or [])]
     position = Position(len(history), 0, 0)
     resumed = checkpointer.restore() if checkpointer is not None and resume else None
@@ -385,8 +427,10 @@ def fit(
         if done is not None:
             return FitResult(state, history, done)
     state = step.init(state)
+    if size > 1:
+        state = broadcast_state(state)
     grad_keys = set(step.init(state._replace(metrics={})).metrics)
-    bar = _progress_bar(progress)
+    bar = _progress_bar(progress and rank == 0)
     reason = f"max_epochs={max_epochs} reached"
     done_batches = position.done
     first_layout: tuple[int, int, str] | None = None
@@ -401,6 +445,8 @@ def fit(
             batches = fixed if overfit_fraction > 0 else _epoch_batches(train_batches, epoch)
             if overfit_fraction == 0 and train_fraction < 1:
                 batches = _limit(batches, train_fraction)
+            if size > 1:
+                batches = _for_rank("train_batches", batches, size, shard_data)
             meter = _EpochMeter(grad_keys)
             reached_max = False
             if bar is not None:
@@ -431,7 +477,7 @@ def fit(
                     raise
                 if first_layout is None:
                     first_layout = (epoch, index, layout(batch))
-                if check_finite and not bool(torch.isfinite(state.metrics["loss"]).all()):
+                if check_finite and not _all_finite(state.metrics["loss"], size):
                     if checkpointer is not None:
                         checkpointer.save(
                             before,
@@ -496,6 +542,31 @@ def fit(
         if bar is not None:
             bar.close()
     return FitResult(state, history, reason)
+
+
+def _all_finite(loss: torch.Tensor, size: int) -> bool:
+    """Whether the loss is finite, on every rank when distributed (all ranks then agree)."""
+    finite = bool(torch.isfinite(loss).all())
+    return finite if size == 1 else not agree(not finite)
+
+
+def _for_rank(arg: str, batches: Any, size: int, shard_data: bool | None) -> Any:
+    """This rank's share of ``batches`` under torch.distributed."""
+    if shard_data is False:
+        return batches
+    if isinstance(batches, Sequence):
+        return shard(batches)
+    if shard_data is None and isinstance(getattr(batches, "sampler", None), DistributedSampler):
+        return batches
+    v.fail(
+        "fit",
+        arg,
+        f"must be a sequence (fit shards it across the {size} ranks) or a DataLoader with a "
+        "DistributedSampler, under torch.distributed",
+        batches,
+        exc=TypeError,
+        fix="Pass shard_data=False if each rank already yields its own batches.",
+    )
 
 
 def _finished(

@@ -11,6 +11,7 @@ import torch
 
 from . import _validate as v
 from ._checkpoint import latest_checkpoint, load_with_extra, save_rotating
+from ._distributed import is_main_process
 from ._types import History, TrainState
 
 FORMAT = "looplib.fit"
@@ -119,12 +120,14 @@ class Checkpointer:
         entry: dict[str, float] | None,
         epoch_rng: dict[str, torch.Tensor] | None,
         rng: dict[str, torch.Tensor] | None = None,
-    ) -> Path:
+    ) -> Path | None:
         """Save a checkpoint at ``position``: mid-epoch ones carry the epoch's metric sums
         (``meter``) and the generator states from the epoch's start (``epoch_rng``), to replay
         the epoch's data order; epoch-end ones carry the epoch's history ``entry``, whose
         monitored value ranks the checkpoint. ``rng`` is the generator states to resume with
         (default: the current ones)."""
+        if not is_main_process():
+            return None
         metric = None if entry is None else entry.get(self.monitor)
         if metric is not None and not math.isfinite(metric):
             metric = None
