@@ -265,7 +265,7 @@ def configurations(draw: st.DrawFn, table: Table) -> tuple[str, dict, str | None
     return func, {**kwargs, arg: value}, arg, exc
 
 
-def _run_transformer(transformer: ll.Transformer, split: bool) -> None:
+def _run_transformer(transformer: ll.Transformer) -> None:
     model = sequence_model()
     opt = ll.optim.sgd(0.05)
     step = transformer(ll.train_step(model, sequence_loss, opt))
@@ -282,7 +282,7 @@ def test_every_factory_rejects_bad_arguments_by_name(config: tuple) -> None:
     if arg is None:
         made = factory(**kwargs)
         if isinstance(made, ll.Transformer):
-            _run_transformer(made, split=func == "tbptt_split")
+            _run_transformer(made)
         elif isinstance(made, ll.Optimizer):
             params = {"w": torch.ones(3)}
             made.update({"w": torch.full((3,), 0.5)}, made.init(params), params)
