@@ -22,7 +22,7 @@ class AccumulateState(NamedTuple):
     """The ``accumulate`` slot: micro-batches seen in the open window, their total weight, and
     the weighted sum of their gradients."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count, as NamedTuple fields may
     weight: Tensor
     grads: Params
 
@@ -101,7 +101,8 @@ def accumulate(k: int, *, partial: str = "step") -> Transformer:
             slot: AccumulateState = state.slots[SLOT]
             values = list(grads.values())
             weighted = torch._foreach_mul(values, weight) if values else []
-            summed = torch._foreach_add(list(slot.grads.values()), weighted) if values else []
+            acc: list[Tensor] = list(slot.grads.values())
+            summed = torch._foreach_add(acc, list(weighted)) if values else []
             slot = AccumulateState(
                 count=slot.count + 1,
                 weight=slot.weight + weight,

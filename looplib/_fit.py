@@ -17,10 +17,8 @@ from ._compile import CompiledStep
 from ._distributed import agree, all_reduce_metrics, broadcast_state, shard, world
 from ._resume import Checkpointer, Position, global_rng_states, set_global_rng_states
 from ._step import Step, weighted_mean
-from ._stopping import early_stopping, stop_reason
+from ._stopping import Predicate, early_stopping, stop_reason
 from ._types import History, Metrics, TrainState, describe
-
-Predicate = Callable[[History], bool]
 
 
 class _Default:
@@ -363,13 +361,13 @@ def fit(
             "fit", "val", "must be re-iterable (a list or DataLoader) or None", val, exc=TypeError
         )
     if overfit_fraction > 0 and callable(train_batches) and not _is_reiterable(train_batches):
-        first = list(train_batches(0))
+        initial = list(train_batches(0))
     elif overfit_fraction > 0:
-        first = list(train_batches)  # type: ignore[arg-type]
+        initial = list(train_batches)  # type: ignore[arg-type]
     else:
-        first = []
+        initial = []
     if overfit_fraction > 0:
-        fixed = first[: batches_used(len(first), overfit_fraction)]
+        fixed = initial[: batches_used(len(initial), overfit_fraction)]
         val = fixed
     has_val = val is not None
     if stop is DEFAULT:
@@ -439,7 +437,7 @@ def fit(
             started = time.perf_counter()
             mid_epoch = resumed is not None and epoch == position.epoch and position.batch > 0
             if mid_epoch:
-                assert resumed is not None
+                assert resumed is not None and resumed.epoch_rng is not None
                 set_global_rng_states(resumed.epoch_rng)
             epoch_rng = global_rng_states() if checkpointer is not None else None
             batches = fixed if overfit_fraction > 0 else _epoch_batches(train_batches, epoch)
@@ -606,8 +604,9 @@ def _epoch_batches(train_batches: Any, epoch: int) -> Iterable[Any]:
             )
         return batches
     sampler = getattr(train_batches, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(sampler, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
     return train_batches
 
 

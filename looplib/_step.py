@@ -442,7 +442,7 @@ class Step:
         path pay only for comparing the tree structure.
         """
         key = (
-            optree.tree_structure(without_metrics(after), none_is_leaf=True),
+            optree.tree_structure(without_metrics(after), none_is_leaf=True),  # type: ignore[arg-type]
             tuple(after.metrics),
             after.step is before.step,
         )

@@ -34,7 +34,8 @@ def _chunk(node: Any, start: int, stop: int, top: bool) -> Any:
     if isinstance(node, torch.Tensor):
         return node[:, start:stop] if node.dim() >= 2 else node
     if isinstance(node, Mapping):
-        return type(node)((key, _chunk(x, start, stop, False)) for key, x in node.items())
+        rebuild: Any = type(node)
+        return rebuild((key, _chunk(x, start, stop, False)) for key, x in node.items())
     if (
         isinstance(node, list)
         and not top

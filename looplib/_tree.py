@@ -52,7 +52,7 @@ def norm_name(p: float) -> str:
     return "inf" if math.isinf(p) else str(float(p))
 
 
-class Grads(dict):  # type: ignore[type-arg]
+class Grads(dict[str, Tensor]):
     """A gradient dict that remembers its norms, so ``track_norm`` and ``clip`` standing side by
     side in a chain compute them once. A stage that changes the gradient returns a new dict
     (a plain one, or a fresh ``Grads``), so a remembered norm always belongs to these values."""
@@ -145,4 +145,5 @@ def structure_difference(before: Any, after: Any, root: str = "state") -> str | 
 
 
 def without_metrics(state: TrainState) -> TrainState:
-    return state._replace(metrics=None)
+    """The state with ``metrics`` set to None (an empty node), to compare the rest."""
+    return state._replace(metrics=None)  # type: ignore[arg-type]
