@@ -53,6 +53,8 @@ def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
 
     A skipped gradient changes nothing downstream: the params, the optimizer state and
     ``state.step`` stay as they were, and the slot ``state.slots["skip_nonfinite"]`` counts it.
+    (The buffers, such as BatchNorm's running statistics, are kept by the step itself for any
+    micro-batch whose loss is not finite.)
     After more than ``max_consecutive`` skips in a row the step raises
     :class:`NonFiniteGradientError` naming the step (its ``.state`` is the last good one).
 

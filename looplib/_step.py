@@ -302,6 +302,14 @@ class Step:
                 out = self._run_loss(leaves, buffers, batch, carry)
             grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
         metrics = self._metrics(out, batch)
+        if buffers:
+            # A micro-batch whose loss is not finite leaves the buffers as they were, so one bad
+            # batch cannot poison BatchNorm's running statistics (a select, no host sync).
+            ok = torch.isfinite(metrics["loss"]).all()
+            buffers = [
+                torch.where(ok, new, old)
+                for new, old in zip(buffers, state.buffers.values(), strict=True)
+            ]
         return GradOut(
             Grads(zip(state.params.keys(), grads, strict=True)),
             metrics["weight"],
