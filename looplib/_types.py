@@ -47,10 +47,17 @@ class Optimizer(NamedTuple):
     ``init(params) -> opt_state`` builds the optimizer state for a dict of parameters.
     ``update(grads, opt_state, params) -> (new_params, new_opt_state)`` applies one update out
     of place: it never writes into ``grads``, ``opt_state`` or ``params``.
+    ``update_(grads, opt_state, params) -> (params, opt_state)``, optional (``None`` where an
+    optimizer has no such form), is the same update written into the given ``params`` and
+    ``opt_state`` tensors, which the caller donates: it will not use them again. It returns the
+    same objects, never writes into ``grads``, and saves the memory and time of allocating a new
+    state. Being in place, it is not differentiable: parameters that require grad need
+    ``torch.no_grad()``.
     """
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    update_: Callable[[Params, Any, Params], tuple[Params, Any]] | None = None
 
 
 def describe(value: Any, limit: int = 80) -> str:

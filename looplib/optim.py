@@ -6,6 +6,12 @@ parameters and a new state of the same structure, never writing into its inputs.
 no host synchronisation and no Python branch on a tensor, so ``torch.compile(update,
 fullgraph=True)`` captures it as one graph.
 
+``update`` allocates its outputs (new parameters and moments) and a few temporaries, and otherwise
+works in place on buffers it has just allocated. ``update_(grads, opt_state,
+params)`` runs the very same operations written into the given ``params`` and ``opt_state``
+(which the caller donates), so it gives the same values to the last bit without allocating a
+new state; only ``grads`` is left untouched. Being in place, it is not differentiable.
+
 The learning rate is either a number or a schedule: a callable of the update count ``count`` (a
 0-d ``int64`` tensor, the number of updates applied *before* this one, so 0 for the first) that
 returns a number or a 0-d tensor. This is ``LambdaLR``'s convention: ``torch.optim`` with its
@@ -149,11 +155,26 @@ def _on(x: float | Tensor, device: torch.device, dtype: torch.dtype) -> float | 
     return x.to(device=device, dtype=dtype) if isinstance(x, Tensor) else x
 
 
-def _scaled_sub(params: Tensors, updates: Tensors, scale: float | Tensor) -> Tensors:
-    """``[p - scale * u for p, u in zip(params, updates)]``."""
+def _add_scaled(target: Tensors, updates: Tensors, scale: float | Tensor) -> Tensors:
+    """``target[i] += scale * updates[i]`` in place, rounding like ``p + scale * u``.
+
+    Returns ``target``. A tensor ``scale`` costs one temporary per parameter.
+    """
     if isinstance(scale, Tensor):
-        return torch._foreach_sub(params, torch._foreach_mul(updates, scale))
-    return torch._foreach_add(params, updates, alpha=-scale)
+        torch._foreach_add_(target, torch._foreach_mul(updates, scale))
+    else:
+        torch._foreach_add_(target, updates, alpha=scale)
+    return target
+
+
+def _plus_scaled(base: Tensors, updates: Tensors, scale: float | Tensor) -> Tensors:
+    """``[b + scale * u for b, u in zip(base, updates)]`` in fresh tensors, bitwise as
+    :func:`_add_scaled` (addition commutes exactly, so ``u * s + b`` equals ``b + u * s``)."""
+    if isinstance(scale, Tensor):
+        out = torch._foreach_mul(updates, scale)
+        torch._foreach_add_(out, base)
+        return out
+    return torch._foreach_add(base, updates, alpha=scale)
 
 
 # --------------------------------------------------------------------------- SGD
@@ -183,7 +204,7 @@ def sgd(
         nesterov: use Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
 
     Returns:
-        An ``Optimizer(init, update)`` whose state is an :class:`SgdState`.
+        An ``Optimizer(init, update, update_)`` whose state is an :class:`SgdState`.
 
     Example:
         >>> import torch
@@ -214,31 +235,68 @@ def sgd(
         buffers = {k: torch.zeros_like(p) for k, p in params.items()} if momentum else {}
         return SgdState(count=_init_count(params), momentum=buffers)
 
-    def update(grads: Params, opt_state: SgdState, params: Params) -> tuple[Params, SgdState]:
+    def group(
+        ps: Tensors, gs: Tensors, bs: Tensors, first: Tensor, step: float | Tensor, inplace: bool
+    ) -> tuple[Tensors, Tensors]:
+        # One rule for both forms: the same ops in the same order, so ``update`` and ``update_``
+        # agree bitwise; ``inplace`` only says whether ``ps`` and ``bs`` may be written.
+        if weight_decay:
+            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if momentum:
+            if inplace:
+                torch._foreach_mul_(bs, momentum)
+            else:
+                bs = torch._foreach_mul(bs, momentum)
+            torch._foreach_add_(bs, gs, alpha=1 - dampening)
+            # torch.optim starts the buffer as the gradient itself; ``where`` picks it without
+            # reading ``count`` on the host. (``out=`` has no autograd, so only the in-place form
+            # uses it.)
+            if inplace:
+                for g, b in zip(gs, bs, strict=True):
+                    torch.where(first, g, b, out=b)
+            else:
+                bs = [torch.where(first, g, b) for g, b in zip(gs, bs, strict=True)]
+            gs = torch._foreach_add(gs, bs, alpha=momentum) if nesterov else bs
+        neg_step = -step
+        ps = _add_scaled(ps, gs, neg_step) if inplace else _plus_scaled(ps, gs, neg_step)
+        return ps, bs
+
+    def apply(
+        grads: Params, opt_state: SgdState, params: Params, inplace: bool
+    ) -> tuple[Params, Params, Tensor]:
         _check_keys(name, grads, params)
         count = opt_state.count
         lr_t = _lr_now(lr, count)
+        first = count == 0
         new_params: Params = {}
         new_buffers: dict[str, Tensor] = {}
         for keys in _groups(params):
             p0 = params[keys[0]]
-            ps: Tensors = [params[k] for k in keys]
-            gs: Tensors = [grads[k] for k in keys]
-            if weight_decay:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+            bs: Tensors = [opt_state.momentum[k] for k in keys] if momentum else []
+            ps, bs = group(
+                [params[k] for k in keys],
+                [grads[k] for k in keys],
+                bs,
+                first.to(p0.device),
+                _on(lr_t, p0.device, _scalar_dtype(p0.dtype)),
+                inplace,
+            )
+            new_params.update(zip(keys, ps, strict=True))
             if momentum:
-                first = (count == 0).to(p0.device)
-                bs: Tensors = [opt_state.momentum[k] for k in keys]
-                bs = torch._foreach_add(torch._foreach_mul(bs, momentum), gs, alpha=1 - dampening)
-                bs = [torch.where(first, g, b) for g, b in zip(gs, bs, strict=True)]
                 new_buffers.update(zip(keys, bs, strict=True))
-                gs = torch._foreach_add(gs, bs, alpha=momentum) if nesterov else bs
-            step = _on(lr_t, p0.device, _scalar_dtype(p0.dtype))
-            new_params.update(zip(keys, _scaled_sub(ps, gs, step), strict=True))
-        buffers = {k: new_buffers[k] for k in params} if momentum else {}
-        return new_params, SgdState(count=count + 1, momentum=buffers)
+        return new_params, new_buffers, count
 
-    return Optimizer(init, update)
+    def update(grads: Params, opt_state: SgdState, params: Params) -> tuple[Params, SgdState]:
+        new_params, new_buffers, count = apply(grads, opt_state, params, inplace=False)
+        buffers = {k: new_buffers[k] for k in params} if momentum else {}
+        return {k: new_params[k] for k in params}, SgdState(count=count + 1, momentum=buffers)
+
+    def update_(grads: Params, opt_state: SgdState, params: Params) -> tuple[Params, SgdState]:
+        _, _, count = apply(grads, opt_state, params, inplace=True)
+        count.add_(1)
+        return params, opt_state
+
+    return Optimizer(init, update, update_)
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
@@ -264,47 +322,106 @@ def _adam(
             nu={k: torch.zeros_like(p) for k, p in params.items()},
         )
 
-    def update(grads: Params, opt_state: AdamState, params: Params) -> tuple[Params, AdamState]:
+    def scalars(t: Tensor, lr_g: float | Tensor) -> tuple[Tensor, Tensor, float | Tensor | None]:
+        """``-lr / bc1``, ``sqrt(bc2)`` and the decoupled decay factor.
+
+        Six 0-d ops (two more for a scheduled decoupled decay); a number ``lr`` stays a number.
+
+        ``lr / (b1**t - 1)`` is ``-(lr / (1 - b1**t))`` exactly (IEEE negation is exact), and
+        ``torch.div`` with a number first divides once, where ``number / tensor`` would take a
+        reciprocal and then multiply (two ops, two roundings).
+        """
+        neg_step = torch.div(lr_g, torch.pow(b1, t).sub_(1))
+        bc2_sqrt = (1 - torch.pow(b2, t)).sqrt_()
+        decay = 1 - lr_g * weight_decay if decoupled and weight_decay else None
+        return neg_step, bc2_sqrt, decay
+
+    def group(
+        ps: Tensors,
+        gs: Tensors,
+        ms: Tensors,
+        vs: Tensors,
+        t: Tensor,
+        lr_g: float | Tensor,
+        inplace: bool,
+    ) -> tuple[Tensors, Tensors, Tensors]:
+        # torch.optim's order of operations (foreach=False; foreach=True rounds alike), each
+        # buffer allocated once and then written in place. ``inplace`` only says whether ``ps``, ``ms`` and ``vs`` may be written; the
+        # same ops run either way, so ``update`` and ``update_`` agree bitwise.
+        neg_step, bc2_sqrt, decay = scalars(t, lr_g)
+        if weight_decay and not decoupled:
+            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if inplace:
+            torch._foreach_lerp_(ms, gs, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+        else:
+            ms = torch._foreach_lerp(ms, gs, 1 - b1)
+            vs = torch._foreach_mul(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        # ``(-step * m) / denom``, then added to ``p``: ATen's addcdiv rounds the same way.
+        delta = torch._foreach_mul(ms, neg_step)
+        torch._foreach_div_(delta, denom)
+        del denom
+        if decay is not None:
+            # torch.optim decays first; nothing above reads ``ps`` in this branch, so decaying
+            # last gives the same values and lets the decayed copy reuse ``denom``'s memory.
+            if inplace:
+                torch._foreach_mul_(ps, decay)
+            else:
+                ps = torch._foreach_mul(ps, decay)
+            torch._foreach_add_(ps, delta)
+        elif inplace:
+            torch._foreach_add_(ps, delta)
+        else:
+            torch._foreach_add_(delta, ps)  # ``delta + p`` is ``p + delta`` to the last bit
+            ps = delta
+        return ps, ms, vs
+
+    def apply(
+        grads: Params, opt_state: AdamState, params: Params, inplace: bool
+    ) -> tuple[Params, dict[str, Tensor], dict[str, Tensor], Tensor]:
         _check_keys(name, grads, params)
         count = opt_state.count
         lr_t = _lr_now(lr, count)
+        count_next = count + 1
         new_params: Params = {}
         new_mu: dict[str, Tensor] = {}
         new_nu: dict[str, Tensor] = {}
         for keys in _groups(params):
             p0 = params[keys[0]]
             sdtype = _scalar_dtype(p0.dtype)
-            ps: Tensors = [params[k] for k in keys]
-            gs: Tensors = [grads[k] for k in keys]
-            ms: Tensors = [opt_state.mu[k] for k in keys]
-            vs: Tensors = [opt_state.nu[k] for k in keys]
-            lr_g = _on(lr_t, p0.device, sdtype)
-            if weight_decay and decoupled:
-                ps = torch._foreach_mul(ps, 1 - lr_g * weight_decay)
-            elif weight_decay:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
-            ms = torch._foreach_lerp(ms, gs, 1 - b1)
-            vs = torch._foreach_addcmul(torch._foreach_mul(vs, b2), gs, gs, value=1 - b2)
-            t = (count + 1).to(device=p0.device, dtype=sdtype)
-            bc1 = 1 - torch.pow(b1, t)
-            bc2 = 1 - torch.pow(b2, t)
-            denom = torch._foreach_div(torch._foreach_sqrt(vs), torch.sqrt(bc2))
-            denom = torch._foreach_add(denom, eps)
-            # ``p + (-step * m) / denom``, in this order: ATen's addcdiv rounds the same way.
-            ps = torch._foreach_add(
-                ps, torch._foreach_div(torch._foreach_mul(ms, -lr_g / bc1), denom)
+            ps, ms, vs = group(
+                [params[k] for k in keys],
+                [grads[k] for k in keys],
+                [opt_state.mu[k] for k in keys],
+                [opt_state.nu[k] for k in keys],
+                count_next.to(device=p0.device, dtype=sdtype),
+                _on(lr_t, p0.device, sdtype),
+                inplace,
             )
             new_params.update(zip(keys, ps, strict=True))
             new_mu.update(zip(keys, ms, strict=True))
             new_nu.update(zip(keys, vs, strict=True))
+        return new_params, new_mu, new_nu, count_next
+
+    def update(grads: Params, opt_state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        new_params, new_mu, new_nu, count_next = apply(grads, opt_state, params, inplace=False)
         state = AdamState(
-            count=count + 1,
+            count=count_next,
             mu={k: new_mu[k] for k in params},
             nu={k: new_nu[k] for k in params},
         )
         return {k: new_params[k] for k in params}, state
 
-    return Optimizer(init, update)
+    def update_(grads: Params, opt_state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        *_, count_next = apply(grads, opt_state, params, inplace=True)
+        opt_state.count.copy_(count_next)
+        return params, opt_state
+
+    return Optimizer(init, update, update_)
 
 
 def adam(
@@ -330,7 +447,7 @@ def adam(
         weight_decay: L2 penalty added to the gradient, non-negative.
 
     Returns:
-        An ``Optimizer(init, update)`` whose state is an :class:`AdamState`.
+        An ``Optimizer(init, update, update_)`` whose state is an :class:`AdamState`.
 
     Example:
         >>> import torch
@@ -363,7 +480,7 @@ def adamw(
         weight_decay: decoupled decay rate, non-negative.
 
     Returns:
-        An ``Optimizer(init, update)`` whose state is an :class:`AdamState`.
+        An ``Optimizer(init, update, update_)`` whose state is an :class:`AdamState`.
 
     Example:
         >>> import torch

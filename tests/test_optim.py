@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from looplib._types import Optimizer
 from looplib.optim import AdamState, SgdState, adam, adamw, sgd
 
 RTOL, ATOL = 1e-10, 1e-12  # typical: SGD bitwise equal, Adam(W) within ~2e-15 absolute
@@ -577,3 +579,113 @@ def test_valid_edge_values_are_accepted():
     sgd(0, momentum=2, nesterov=True)
     adam(0.0, betas=(0.0, 0.0), eps=0.0)
     adamw(lr=lambda t: t * 0.0, betas=[0.5, 0.5], weight_decay=0)
+
+
+# --------------------------------------------------------------------------- update_ (in place)
+
+
+def _clone_tree(tree):
+    return optree.tree_map(torch.clone, tree)
+
+
+@st.composite
+def any_optimizer(draw):
+    kind = draw(st.sampled_from(["sgd", "adam", "adamw"]))
+    hp = draw(sgd_hparams() if kind == "sgd" else adam_hparams(b2_low=0.0, lr_high=1.0))
+    if draw(st.booleans()):
+        base = hp["lr"]
+        hp["lr"] = lambda t, base=base: base * 0.97 ** t.to(torch.float64)
+    return {"sgd": sgd, "adam": adam, "adamw": adamw}[kind](**hp)
+
+
+@oracle_settings
+@given(opt=any_optimizer(), seed=st.integers(0, 2**16), float32=st.booleans())
+def test_update__is_update_bitwise(opt, seed, float32):
+    """Both forms run the same ops in the same order, so they agree to the last bit."""
+    dtype = torch.float32 if float32 else torch.float64
+    params = make_params(seed, dtype)
+    state = opt.init(params)
+    params_, state_ = _clone_tree((params, state))
+    for t, grads in enumerate(make_grads(seed, 30, dtype)):
+        params, state = opt.update(grads, state, params)
+        params_, state_ = opt.update_(grads, state_, params_)
+        want, got = optree.tree_leaves((params, state)), optree.tree_leaves((params_, state_))
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_update__writes_into_and_returns_its_inputs(name):
+    opt = OPTIMIZERS[name]()
+    for params, state in _states(opt, make_params(1)):
+        params, state = _clone_tree((params, state))
+        grads = make_grads(14, 1)[0]
+        grad_copies = _clone_tree(grads)
+        count = int(state.count)
+        want = opt.update(grads, state, params)
+        ptrs = [x.data_ptr() for x in optree.tree_leaves((params, state))]
+        got = opt.update_(grads, state, params)
+        assert got[0] is params
+        assert got[1] is state
+        assert [x.data_ptr() for x in optree.tree_leaves(got)] == ptrs
+        assert int(state.count) == count + 1
+        for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for k, g in grads.items():
+            torch.testing.assert_close(g, grad_copies[k], rtol=0, atol=0)
+
+
+class _CountAllocations(TorchDispatchMode):
+    """Records the size of every tensor an op returns in memory none of its inputs own."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = optree.tree_leaves((args, kwargs))
+        owned = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
+        for x in optree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in owned:
+                self.numels.append(x.numel())
+        return out
+
+
+# Parameter-sized buffers allocated by one update, in units of the parameters' size. update_
+# allocates only temporaries: Adam's denominator and scaled first moment (torch.optim needs the
+# first), a gradient plus L2 term, SGD's Nesterov direction or a schedule's scaled step. update
+# also allocates its outputs (parameters and one per moment buffer), each once.
+ALLOCATIONS = {
+    "sgd": (1, 0),
+    "sgd_momentum_wd": (4, 1),
+    "sgd_nesterov": (4, 1),
+    "sgd_schedule": (3, 1),
+    "adam": (5, 3),
+    "adam_schedule": (4, 2),
+    "adamw": (5, 2),
+    "adamw_schedule": (5, 2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_parameter_sized_allocations(name):
+    opt = OPTIMIZERS[name]()
+    gen = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=gen) for k, s in [("w", (5, 7)), ("b", (7,))]}
+    grads = {k: torch.randn(p.shape, generator=gen) for k, p in params.items()}
+    params, state = opt.update(grads, opt.init(params), params)  # no all-zero moments
+    size = sum(p.numel() for p in params.values())
+    counts = []
+    for update in (opt.update, opt.update_):
+        with _CountAllocations() as allocations:
+            update(grads, state, params)
+        # 0-d tensors are the per-step scalars (count, bias corrections, step size).
+        counts.append(sum(n for n in allocations.numels if n > 1) / size)
+    assert tuple(counts) == ALLOCATIONS[name]
+
+
+def test_an_optimizer_without_update_():
+    opt = Optimizer(init=lambda params: (), update=lambda grads, state, params: (params, state))
+    assert opt.update_ is None
