@@ -34,7 +34,7 @@ from ._distributed import (
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
-from ._step import LossOutput, Step, init, sample_count, train_step
+from ._step import LossOutput, Step, donate, init, sample_count, train_step
 from ._stopping import all_of, any_of, early_stopping, never, stop_reason
 from ._tbptt import split_time, tbptt_split
 from ._track import track_norm
@@ -68,6 +68,7 @@ __all__ = [
     "clip",
     "clip_by_global_norm",
     "compile",
+    "donate",
     "early_stopping",
     "evaluate",
     "fit",

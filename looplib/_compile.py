@@ -151,4 +151,13 @@ def compile(
             fix="Pass donate=True and stop using each state once you have passed it to the step, "
             "or use mode='max-autotune-no-cudagraphs'.",
         )
+    if step.donate:
+        v.fail(
+            "compile",
+            "step",
+            "must not be a donating step (ll.donate): a compiled step selects between the "
+            "updated and the held state with torch.where, which in-place updates would defeat",
+            step,
+            fix="Compile the pure step; pass donate=True to compile for CUDA graphs.",
+        )
     return CompiledStep(step, mode=mode, donate=donate, options=options)

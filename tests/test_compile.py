@@ -137,3 +137,9 @@ def test_cuda_graph_modes_need_donation() -> None:
         ll.compile(lambda s, b: s)
     with pytest.raises(TypeError, match=r"^compile\(donate=1\): donate must be a bool"):
         ll.compile(step, donate=1)
+
+
+def test_a_donating_step_is_refused() -> None:
+    step = ll.donate(ll.train_step(mlp(), ce, ll.optim.sgd(0.1)))
+    with pytest.raises(ValueError, match=r"^compile\(step=.*\): step must not be a donating step"):
+        ll.compile(step)

@@ -39,6 +39,7 @@ PUBLIC = [
     "clip",
     "clip_by_global_norm",
     "compile",
+    "donate",
     "early_stopping",
     "evaluate",
     "fit",
