@@ -48,8 +48,16 @@ from torch import nn  # noqa: E402
 import looplib as ll  # noqa: E402
 
 LR = 1e-3
-CONTESTANTS = ("hand", "lightning", "looplib", "looplib_compiled", "looplib_cudagraphs")
-"""``looplib_cudagraphs`` is the compiled step under CUDA graphs (``mode="reduce-overhead"``,
+CONTESTANTS = (
+    "hand",
+    "lightning",
+    "looplib",
+    "looplib_donated",
+    "looplib_compiled",
+    "looplib_cudagraphs",
+)
+"""``looplib_donated`` is the eager step under ``ll.donate`` (in-place updates of a state
+that is never reused); ``looplib_cudagraphs`` is the compiled step under CUDA graphs (``mode="reduce-overhead"``,
 with the donation contract); it runs on CUDA only."""
 CHECK_UNITS = 2
 """Units run before the parameters are compared. Adam turns one-ulp differences (a different but
@@ -353,7 +361,9 @@ def looplib_step(p: Problem, model: nn.Module, opt: ll.Optimizer) -> ll.Step:
     return base
 
 
-def build_looplib(p: Problem, compiled: bool = False, cudagraphs: bool = False) -> Eager:
+def build_looplib(
+    p: Problem, compiled: bool = False, cudagraphs: bool = False, donated: bool = False
+) -> Eager:
     if compiled and not hasattr(ll, "compile"):
         raise Skip("looplib has no compile() in this version")
     if cudagraphs and p.device.type != "cuda":
@@ -361,6 +371,8 @@ def build_looplib(p: Problem, compiled: bool = False, cudagraphs: bool = False) 
     model = p.fresh_model()
     opt = ll.optim.adam(lr=LR)
     step = looplib_step(p, model, opt)
+    if donated:
+        step = ll.donate(step)
     if cudagraphs:
         # Donation: each state is passed to the step once and never used again.
         step = ll.compile(step, mode="reduce-overhead", donate=True)  # type: ignore[attr-defined]
@@ -533,6 +545,8 @@ def build(name: str, p: Problem) -> Any:
         return build_hand(p)
     if name == "looplib":
         return build_looplib(p)
+    if name == "looplib_donated":
+        return build_looplib(p, donated=True)
     if name == "looplib_compiled":
         return build_looplib(p, compiled=True)
     if name == "looplib_cudagraphs":

@@ -100,9 +100,15 @@ def accumulate(k: int, *, partial: str = "step") -> Transformer:
         def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
             slot: AccumulateState = state.slots[SLOT]
             values = list(grads.values())
-            weighted = torch._foreach_mul(values, weight) if values else []
             acc: list[Tensor] = list(slot.grads.values())
-            summed = torch._foreach_add(acc, list(weighted)) if values else []
+            if not values:
+                summed: list[Tensor] = []
+            elif weight.device.type == "cpu" and not torch.compiler.is_compiling():
+                # One fused pass, acc + w * g, with the weight read on the host (it lives on
+                # the CPU, so reading it waits for no device).
+                summed = list(torch._foreach_add(acc, values, alpha=weight.item()))
+            else:
+                summed = list(torch._foreach_add(acc, torch._foreach_mul(values, weight)))
             slot = AccumulateState(
                 count=slot.count + 1,
                 weight=slot.weight + weight,

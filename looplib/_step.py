@@ -18,10 +18,10 @@ fused RNN kernels). ``apply`` is the chain of gradient stages (``accumulate``, `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import nn
 
@@ -142,6 +142,13 @@ def sample_count(batch: Any) -> int:
         fix="Return LossOutput(loss, metrics, weight=...) from the loss, or pass "
         "train_step(..., weight=fn).",
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_tensor(count: int) -> Tensor:
+    """One shared 0-d tensor per sample count: building a tensor costs more than the rest of
+    the bookkeeping of a small step, and nothing ever writes into these."""
+    return torch.tensor(float(count))
 
 
 class _Bound(nn.Module):
@@ -283,8 +290,10 @@ class Step:
             weight = torch.as_tensor(out.weight, dtype=torch.float32).detach()
         elif self.weight is not None:
             weight = torch.as_tensor(self.weight(batch), dtype=torch.float32)
-        else:
+        elif torch.compiler.is_compiling():
             weight = torch.tensor(float(sample_count(batch)))
+        else:
+            weight = _weight_tensor(sample_count(batch))
         metrics = {"loss": out.loss.detach()}
         for key, value in (out.metrics or {}).items():
             if key in ("loss", "weight"):
@@ -455,15 +464,17 @@ class Step:
     def _check(self, before: TrainState, after: TrainState) -> None:
         """Check that ``after`` has the structure, shapes and dtypes of ``before``.
 
-        The full check (every leaf) runs once for each way a call can go: keyed by the tree's
-        structure, the metric names, and whether an update was applied (``state.step`` replaced)
-        or held back (an accumulation window still open, a skipped step). A path that runs only
-        on some calls therefore gets checked the first time it runs; later calls along a checked
-        path pay only for comparing the tree structure.
+        The full check (every leaf) runs once for each way a call can go: keyed by the metric
+        names, the slot names, the number of params, and whether an update was applied
+        (``state.step`` replaced) or held back (an accumulation window still open, a skipped
+        step). A path that runs only on some calls is checked the first time it runs; later
+        calls along a checked path cost a few attribute reads.
         """
         key = (
-            optree.tree_structure(without_metrics(after), none_is_leaf=True),  # type: ignore[arg-type]
             tuple(after.metrics),
+            tuple(after.slots),
+            len(after.params),
+            len(after.buffers),
             after.step is before.step,
         )
         if key in self._checked:
