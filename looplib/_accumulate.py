@@ -10,7 +10,7 @@ from . import _validate as v
 from ._checkpoint import register_checkpoint_type
 from ._step import ApplyFn, Stage
 from ._transform import Transformer, stage_transformer
-from ._tree import Grads, select, zeros_like
+from ._tree import grads_dict, select, zeros_like
 from ._types import Params, Tensor, TrainState
 
 SLOT = "accumulate"
@@ -40,7 +40,9 @@ def _mean(acc: Params, total: Tensor) -> Params:
     tokens) holds a zero sum and gives a zero gradient, not 0 / 0."""
     values = list(acc.values())
     total = total.clamp(min=torch.finfo(total.dtype).tiny)
-    return Grads(zip(acc.keys(), torch._foreach_div(values, total) if values else [], strict=True))
+    return grads_dict(
+        zip(acc.keys(), torch._foreach_div(values, total) if values else [], strict=True)
+    )
 
 
 def accumulate(k: int, *, partial: str = "step") -> Transformer:

@@ -59,11 +59,17 @@ class CompiledStep:
     def __repr__(self) -> str:
         return f"compile({self.step!r}, mode={self.mode!r})"
 
-    def _core(self, state: TrainState, batch: Any, carry: Any) -> tuple[TrainState, Metrics, Any]:
+    def _core(self, state: TrainState, batch: Any, carry: Any) -> tuple[Any, Metrics, Any]:
         new, out = self.step.micro(state, batch, carry)
-        return new, out.metrics, out.carry
+        # The state leaves as a plain tuple: some compiler releases rebuild NamedTuple outputs
+        # of a graph wrongly; it is made a TrainState again outside.
+        return tuple(new), out.metrics, out.carry
 
     def _micro(self, state: TrainState, batch: Any, carry: Any) -> tuple[TrainState, Metrics, Any]:
+        fields, metrics, carry = self._micro_fields(state, batch, carry)
+        return TrainState(*fields), metrics, carry
+
+    def _micro_fields(self, state: TrainState, batch: Any, carry: Any) -> tuple[Any, Metrics, Any]:
         if not self.eager:
             try:
                 if self.donate and self.mode in CUDAGRAPH_MODES:

@@ -29,7 +29,7 @@ from . import _validate as v
 from ._rng import SLOT as RNG
 from ._rng import rng_scope, rng_slot
 from ._swap import Swapper
-from ._tree import Grads, detach, structure_difference, without_metrics
+from ._tree import detach, grads_dict, structure_difference, without_metrics
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
 ApplyFn = Callable[[TrainState, Params, Tensor], TrainState]
@@ -329,7 +329,7 @@ class Step:
                 for new, old in zip(buffers, state.buffers.values(), strict=True)
             ]
         return GradOut(
-            Grads(zip(state.params.keys(), grads, strict=True)),
+            grads_dict(zip(state.params.keys(), grads, strict=True)),
             metrics["weight"],
             metrics,
             dict(zip(state.buffers.keys(), buffers, strict=True)),

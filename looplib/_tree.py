@@ -64,6 +64,12 @@ class Grads(dict[str, Tensor]):
         self.memo: dict[float, tuple[list[Tensor], Tensor]] = {}
 
 
+def grads_dict(pairs: Any) -> Params:
+    """A :class:`Grads` in eager code; a plain dict under the compiler, which dedups the norms
+    by itself (and some releases cannot build a dict subclass inside a graph)."""
+    return dict(pairs) if torch.compiler.is_compiling() else Grads(pairs)
+
+
 def norms_of(grads: Params, p: float) -> tuple[list[Tensor], Tensor]:
     """The p-norm of each gradient and of all together, computed once per :class:`Grads`."""
     memo = grads.memo if isinstance(grads, Grads) else None
