@@ -35,11 +35,14 @@ def _empty(params: Params, device: torch.device) -> AccumulateState:
     )
 
 
+_TINY = torch.finfo(torch.float32).tiny  # weights are float32
+
+
 def _mean(acc: Params, total: Tensor) -> Params:
     """The window's mean gradient. A window whose micro-batches all weigh 0 (say, chunks with no
     tokens) holds a zero sum and gives a zero gradient, not 0 / 0."""
     values = list(acc.values())
-    total = total.clamp(min=torch.finfo(total.dtype).tiny)
+    total = total.clamp(min=_TINY)
     return grads_dict(
         zip(acc.keys(), torch._foreach_div(values, total) if values else [], strict=True)
     )

@@ -86,7 +86,8 @@ class CompiledStep:
         return self._core(state, batch, carry)
 
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
-        return self.step.call_with(self._run, state, batch, narrow=self._narrow)
+        consumed = self.donate and self.mode in CUDAGRAPH_MODES
+        return self.step.call_with(self._run, state, batch, narrow=self._narrow, consumed=consumed)
 
     def _narrow(self, state: TrainState) -> TrainState:
         # Hand the graph only the metrics a transformer reads back (the tracked norms), so its

@@ -29,7 +29,7 @@ from . import _validate as v
 from ._rng import SLOT as RNG
 from ._rng import rng_scope, rng_slot
 from ._swap import Swapper
-from ._tree import detach, grads_dict, structure_difference, without_metrics
+from ._tree import detach, grads_dict, shapes_only, structure_difference, without_metrics
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
 ApplyFn = Callable[[TrainState, Params, Tensor], TrainState]
@@ -238,6 +238,7 @@ class Step:
             apply = stage.wrap(apply)
         self.apply: ApplyFn = apply
         self._checked: set[Any] = set()
+        self._reference: Any = None
 
     # -- construction ----------------------------------------------------------------------
     def replace(
@@ -417,17 +418,22 @@ class Step:
         state: TrainState,
         batch: Any,
         narrow: Callable[[TrainState], TrainState] | None = None,
+        consumed: bool = False,
     ) -> TrainState:
         """The call around the computation ``run(state, batch) -> (state, loss metrics)``: add
         the slots, scope the random generators, merge the metrics, check the structure and run the
         stages' host-side checks. ``narrow`` trims the state handed to ``run`` (a compiled run
-        takes only the metrics a transformer reads back)."""
+        takes only the metrics a transformer reads back). ``consumed`` says ``run`` invalidates
+        its input's tensors (CUDA-graph replays overwrite them), so the structure is checked
+        against shapes and dtypes recorded before the first run instead."""
         if not isinstance(state, TrainState):
             v.fail(
                 "step", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
             )
         start = self.init(state)
         inputs = start if narrow is None else narrow(start)
+        if consumed and self._reference is None:
+            self._reference = shapes_only(without_metrics(start))
         if RNG in start.slots:
             with rng_scope(start.slots[RNG], start.step.device) as rng:
                 new, metrics = run(inputs, batch)
@@ -435,7 +441,7 @@ class Step:
         else:
             new, metrics = run(inputs, batch)
         new = new._replace(metrics={**start.metrics, **new.metrics, **metrics})
-        self._check(start, new)
+        self._check(start, new, self._reference if consumed else None)
         self.after(new)
         return new
 
@@ -461,7 +467,7 @@ class Step:
             parts.append(out.metrics)
         return state, weighted_mean(parts)
 
-    def _check(self, before: TrainState, after: TrainState) -> None:
+    def _check(self, before: TrainState, after: TrainState, reference: Any = None) -> None:
         """Check that ``after`` has the structure, shapes and dtypes of ``before``.
 
         The full check (every leaf) runs once for each way a call can go: keyed by the metric
@@ -480,7 +486,10 @@ class Step:
         if key in self._checked:
             return
         fresh = "loss" not in before.metrics
-        bad = structure_difference(without_metrics(before), without_metrics(after))
+        if reference is None:
+            bad = structure_difference(without_metrics(before), without_metrics(after))
+        else:
+            bad = structure_difference(reference, shapes_only(without_metrics(after)))
         if bad is None and not fresh and set(before.metrics) != set(after.metrics):
             bad = f"state.metrics keys changed from {sorted(before.metrics)} to {sorted(after.metrics)}"
         if bad is None:

@@ -19,7 +19,8 @@ def zeros_like(params: Params) -> Params:
 def select(pred: Tensor, if_true: Any, if_false: Any) -> Any:
     """Leafwise ``torch.where(pred, a, b)`` over two trees of one structure: a branch without a
     host sync, for compiled steps."""
-    return optree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
+    # torch's own pytree functions, which every compiler release can trace.
+    return torch.utils._pytree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
 
 
 def detach(tree: Any) -> Any:
@@ -148,6 +149,18 @@ def structure_difference(before: Any, after: Any, root: str = "state") -> str | 
     ):
         return f"{root} changed its container types: {optree.tree_structure(before)} -> {optree.tree_structure(after)}"
     return None
+
+
+def shapes_only(tree: Any) -> Any:
+    """The tree with every tensor replaced by an empty one of its shape and dtype on the
+    ``meta`` device: a record of the structure that holds no data."""
+    return optree.tree_map(
+        lambda x: (
+            torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+        ),
+        tree,
+        none_is_leaf=True,
+    )
 
 
 def without_metrics(state: TrainState) -> TrainState:

@@ -64,7 +64,6 @@ def test_the_pure_step_runs_cudnn_lstm_under_tbptt_like_an_imperative_loop(
 ) -> None:
     # cuDNN runs RNN matmuls in TF32 by default; compare in full float32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = Recurrent().to(DEVICE)
     reference = Recurrent().to(DEVICE)
