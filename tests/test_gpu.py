@@ -11,6 +11,8 @@ import looplib as ll
 
 pytestmark = [
     pytest.mark.gpu,
+    # The compiler's own advice to enable TF32; these tests compare in full float32.
+    pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 DEVICE = "cuda"
