@@ -72,6 +72,9 @@ class CompiledStep:
     def _micro_fields(self, state: TrainState, batch: Any, carry: Any) -> tuple[Any, Metrics, Any]:
         if not self.eager:
             try:
+                if self.donate and self.mode in CUDAGRAPH_MODES:
+                    # The previous state is consumed: its buffers may now be replayed into.
+                    torch.compiler.cudagraph_mark_step_begin()
                 return self._compiled(state, batch, carry)
             except Exception as error:  # the compiler's errors have no common base class
                 self.eager = True
