@@ -10,15 +10,7 @@ by composing transformers, and the whole training state is one pytree.
 
 from . import optim
 from ._accumulate import AccumulateState, accumulate
-from ._checkpoint import (
-    best_checkpoint,
-    latest_checkpoint,
-    load,
-    load_with_extra,
-    register_checkpoint_type,
-    save,
-    save_rotating,
-)
+from ._checkpoint import load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, compile
 from ._distributed import (
@@ -33,6 +25,7 @@ from ._distributed import (
 )
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
+from ._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._step import LossOutput, Step, donate, init, sample_count, train_step
 from ._stopping import all_of, any_of, early_stopping, never, stop_reason

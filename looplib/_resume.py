@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _validate as v
-from ._checkpoint import latest_checkpoint, load_with_extra, save_rotating
+from ._checkpoint import load_with_extra
 from ._distributed import is_main_process
+from ._rotate import latest_checkpoint, save_rotating
 from ._types import History, TrainState
 
 FORMAT = "looplib.fit"

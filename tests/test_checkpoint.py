@@ -22,16 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from looplib import _checkpoint
-from looplib._checkpoint import (
-    best_checkpoint,
-    latest_checkpoint,
-    load,
-    load_with_extra,
-    register_checkpoint_type,
-    save,
-    save_rotating,
-)
+from looplib import _checkpoint, _rotate
+from looplib._checkpoint import load, load_with_extra, register_checkpoint_type, save
+from looplib._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from looplib._types import TrainState
 
 SETTINGS = settings(
@@ -680,7 +673,7 @@ def test_the_index_changes_only_after_the_checkpoint_is_written(
         assert load(tmp_path / ckpt(1)) == [1]  # the new checkpoint is complete by now
         raise disk_full()
 
-    monkeypatch.setattr(_checkpoint, "_write_index", broken_index)
+    monkeypatch.setattr(_rotate, "_write_index", broken_index)
     with pytest.raises(OSError):
         save_rotating(tmp_path, [1], tag=1, keep_last=1)
     monkeypatch.undo()
