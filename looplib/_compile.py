@@ -122,7 +122,7 @@ def compile(
 ) -> CompiledStep:
     """Compile a whole step with ``torch.compile(fullgraph=True)``.
 
-    Purity is what makes this possible: the forward, the backward (``torch.autograd.grad``,
+    Purity is what makes this possible: the forward, the backward (``torch.func.grad_and_value``,
     traced), the gradient transformers and the optimizer update are one function of tensors,
     captured as one graph with no graph breaks. Where a model cannot be captured, the step runs
     eagerly instead, after one ``RuntimeWarning`` (never a crash); ``compiled.eager`` and

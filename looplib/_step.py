@@ -10,10 +10,13 @@ each a pure function, and its call threads one batch through them::
             state = apply(state._replace(buffers=buffers), grads, weight)
         return state._replace(metrics=state.metrics | metrics)
 
-``gradient`` runs the loss on the state's params through ``torch.func.functional_call`` and takes
-gradients with ``torch.autograd.grad`` on detached aliases of the params (fast, and works with the
-fused RNN kernels). ``apply`` is the chain of gradient stages (``accumulate``, ``track_norm``,
-``clip``, ...) ending in the optimizer.
+``gradient`` runs the loss with the state's params and buffers swapped into the module (the
+same dictionary swaps ``torch.func.functional_call`` makes, with the slots found once when the
+step is built) and takes gradients with ``torch.autograd.grad`` on detached aliases of the params:
+fast, and it works with the fused RNN kernels. Under ``torch.compile`` it uses
+``functional_call`` and ``torch.func.grad_and_value`` instead, which the compiler traces.
+``apply`` is the chain of gradient stages (``accumulate``, ``track_norm``, ``clip``, ...) ending
+in the optimizer.
 """
 
 from __future__ import annotations
