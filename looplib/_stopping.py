@@ -264,8 +264,8 @@ def _members(
 
 
 @dataclass(frozen=True)
-class AnyOf:
-    """The predicate returned by :func:`any_of`."""
+class _Combination:
+    """Several predicates asked together; subclasses say how their reasons combine."""
 
     predicates: tuple[Predicate, ...]
     monitors: tuple[str, ...]
@@ -275,22 +275,25 @@ class AnyOf:
 
     def explain(self, history: History) -> str | None:
         # Every member is evaluated (no short circuit), so a misspelled monitor always raises.
-        reasons = [stop_reason(p, history) for p in self.predicates]
+        return self.combine([stop_reason(p, history) for p in self.predicates])
+
+    def combine(self, reasons: list[str | None]) -> str | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AnyOf(_Combination):
+    """The predicate returned by :func:`any_of`: the first member's reason that fires."""
+
+    def combine(self, reasons: list[str | None]) -> str | None:
         return next((r for r in reasons if r is not None), None)
 
 
 @dataclass(frozen=True)
-class AllOf:
-    """The predicate returned by :func:`all_of`."""
+class AllOf(_Combination):
+    """The predicate returned by :func:`all_of`: every member's reason, once all fire."""
 
-    predicates: tuple[Predicate, ...]
-    monitors: tuple[str, ...]
-
-    def __call__(self, history: History) -> bool:
-        return self.explain(history) is not None
-
-    def explain(self, history: History) -> str | None:
-        reasons = [stop_reason(p, history) for p in self.predicates]
+    def combine(self, reasons: list[str | None]) -> str | None:
         return None if None in reasons else "; ".join(r for r in reasons if r is not None)
 
 
