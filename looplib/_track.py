@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 import torch
 
 from . import _validate as v
@@ -11,11 +14,21 @@ from ._tree import norm_name, norms_of, promote_dtype
 from ._types import Params, Tensor, TrainState
 
 
-def norm_keys(p: float, names: list[str], per_param: bool = True) -> list[str]:
+def norm_keys(p: float, names: Iterable[str], per_param: bool = True) -> tuple[str, ...]:
     """The metric names ``track_norm(p)`` writes: per parameter, then the total."""
+    if torch.compiler.is_compiling():  # traced once anyway; the compiler warns on caches
+        return _build_keys(p, tuple(names), per_param)
+    return _cached_keys(p, tuple(names), per_param)
+
+
+def _build_keys(p: float, names: tuple[str, ...], per_param: bool) -> tuple[str, ...]:
     tag = norm_name(p)
-    keys = [f"grad_{tag}_norm/{name}" for name in names] if per_param else []
-    return [*keys, f"grad_{tag}_norm_total"]
+    keys = tuple(f"grad_{tag}_norm/{name}" for name in names) if per_param else ()
+    return (*keys, f"grad_{tag}_norm_total")
+
+
+# Built once per model: an eager step asks for them on every call.
+_cached_keys = functools.lru_cache(maxsize=64)(_build_keys)
 
 
 def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Transformer:
@@ -46,7 +59,7 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
     name = f"track_norm({p!r}" + ("" if per_param else ", per_param=False") + ")"
 
     def init(state: TrainState) -> TrainState:
-        keys = norm_keys(p, list(state.params), per_param)
+        keys = norm_keys(p, state.params, per_param)
         if all(k in state.metrics for k in keys):
             return state
         dtype = promote_dtype(state.params)
@@ -62,7 +75,7 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
     def wrap(inner: ApplyFn) -> ApplyFn:
         def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
             each, total = norms_of(grads, p)
-            keys = norm_keys(p, list(grads), per_param)
+            keys = norm_keys(p, grads, per_param)
             values = [*each, total] if per_param else [total]
             metrics = {**state.metrics, **dict(zip(keys, values, strict=True))}
             return inner(state._replace(metrics=metrics), grads, weight)
