@@ -362,9 +362,15 @@ def test_helpers_across_ranks(results):
 
 def test_a_failing_rank_raises_instead_of_hanging(tmp_path, monkeypatch):
     start = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)) as info:
         launch(worker_fails, tmp_path, monkeypatch)
     assert time.monotonic() - start < PG_TIMEOUT.total_seconds()
+    # Which failure the launcher reports first is a race: rank 1's exception, or rank 0 being
+    # aborted by gloo once its peer has gone. Either way the error surfaces and nothing hangs.
+    if isinstance(info.value, mp.ProcessRaisedException):
+        assert "rank 1 failed on purpose" in str(info.value)
+    else:
+        assert info.value.error_index == 0
 
 
 # ---------------------------------------------------------------------------------------------
