@@ -236,9 +236,14 @@ class Step:
         self._swapper = Swapper(model)
         self._names = [f"model.{name}" for name, _ in model.named_parameters()]
         self._buffer_names = [f"model.{name}" for name, _ in model.named_buffers()]
+        # Each stage's apply wraps the applies of the stages after it; keep, per stage, what it
+        # hands the gradient to (flush needs it) and the outermost apply.
         apply: ApplyFn = self._optimizer_apply
+        inners: list[ApplyFn] = []
         for stage in reversed(stages):
+            inners.append(apply)
             apply = stage.wrap(apply)
+        self._inners: list[ApplyFn] = inners[::-1]
         self.apply: ApplyFn = apply
         self._checked: set[Any] = set()
         self._reference: Any = None
@@ -401,14 +406,9 @@ class Step:
     def flush(self, state: TrainState) -> TrainState:
         """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
         state = self.init(state)
-        inner: ApplyFn = self._optimizer_apply
-        applies = []
-        for stage in reversed(self.stages):
-            applies.append((stage, inner))
-            inner = stage.wrap(inner)
-        for stage, after in reversed(applies):
+        for stage, inner in zip(self.stages, self._inners, strict=True):
             if stage.flush is not None:
-                state = stage.flush(state, after)
+                state = stage.flush(state, inner)
         return state
 
     # -- the call --------------------------------------------------------------------------
