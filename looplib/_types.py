@@ -53,11 +53,16 @@ class Optimizer(NamedTuple):
     same objects, never writes into ``grads``, and saves the memory and time of allocating a new
     state. Being in place, it is not differentiable: parameters that require grad need
     ``torch.no_grad()``.
+    ``hyperparams(opt_state) -> {"lr": tensor, ...}``, optional, gives the hyperparameters the
+    last update used (before the first update: those it will use) as 0-d tensors, computed from
+    ``opt_state`` alone (no host reads); the step reports them in ``state.metrics`` after every
+    update, so the history and the loggers have the learning rate with no user code.
     """
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[Params, Any]]
     update_: Callable[[Params, Any, Params], tuple[Params, Any]] | None = None
+    hyperparams: Callable[[Any], dict[str, Tensor]] | None = None
 
 
 def describe(value: Any, limit: int = 80) -> str:
