@@ -8,7 +8,7 @@ by composing transformers, and the whole training state is one pytree.
 ['buffers', 'metrics', 'opt_state', 'params', 'slots', 'step']
 """
 
-from . import optim
+from . import optim, schedules
 from ._accumulate import AccumulateState, accumulate
 from ._checkpoint import load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
@@ -79,6 +79,7 @@ __all__ = [
     "save",
     "save_rotating",
     "scan",
+    "schedules",
     "shard",
     "skip_nonfinite",
     "split_time",

@@ -57,6 +57,7 @@ PUBLIC = [
     "save",
     "save_rotating",
     "scan",
+    "schedules",
     "shard",
     "skip_nonfinite",
     "split_time",
@@ -80,6 +81,7 @@ CORE_MODULES = [
     "looplib._tree",
     "looplib._types",
     "looplib._validate",
+    "looplib.schedules",
 ]
 
 
