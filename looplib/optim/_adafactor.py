@@ -133,7 +133,7 @@ def adafactor(
         hyper["eps1"] = eps1
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         inplace, lr_t, d_t, s = c.inplace, h["lr"], h["d"], c.step
         e1 = h.get("eps1", torch.finfo(c.param_dtype).eps)
         if maximize:

@@ -84,7 +84,7 @@ def adagrad(
     initial = _validate.nonnegative(name, "initial_accumulator_value", initial_accumulator_value)
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         # torch.optim's foreach order of operations.
         minus_clr = torch.div(-h["lr"], 1 + (c.step - 1) * h["lr_decay"])
         if maximize:

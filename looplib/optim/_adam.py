@@ -113,7 +113,7 @@ def _neg_step(lr: Any, b1: Any, t: Tensor) -> Tensor:
     return torch.div(lr, torch.pow(b1, t).sub_(1))
 
 
-def _decay(ps: list[Tensor], gs: list[Tensor], h: dict[str, Any], decoupled: bool, inplace: bool):  # type: ignore[no-untyped-def]
+def _decay(ps: list[Tensor], gs: list[Tensor], h: dict[str, Any], decoupled: bool, inplace: bool):
     """Weight decay, torch.optim's way: ``p *= 1 - lr * wd`` (decoupled) or ``g += wd * p``."""
     wd = h["weight_decay"]
     if core.is_off(wd):
@@ -139,7 +139,7 @@ def _adam(
     amsgrad = _checks.boolean(name, "amsgrad", amsgrad)
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         # torch.optim's order of operations, each buffer allocated once and then written in
         # place; ``c.inplace`` only says whether ``ps`` and the buffers may be written.
         b1, b2, inplace = h["b1"], h["b2"], c.inplace
@@ -177,7 +177,7 @@ def _adam(
             ps = core.add_delta(ps, delta, inplace)
         return ps, out
 
-    buffers = {"mu": _zeros, "nu": _zeros}
+    buffers: dict[str, core.BufferInit] = {"mu": _zeros, "nu": _zeros}
     if amsgrad:
         buffers["nu_max"] = _zeros
     return core.build(
@@ -331,7 +331,7 @@ def adamax(
     hyper = _common(name, lr, betas, eps, weight_decay)
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         inplace = c.inplace
         neg_step = _neg_step(h["lr"], h["b1"], c.step)
         if maximize:
@@ -429,7 +429,7 @@ def nadam(
         )
         return mu_product * mu_at(b1, md, s).to(mu_product.dtype)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         inplace, b1, b2, lr_t, s = c.inplace, h["b1"], h["b2"], h["lr"], c.step
         mu = mu_at(b1, h["momentum_decay"], s)
         mu_next = mu_at(b1, h["momentum_decay"], s + 1)
@@ -510,7 +510,7 @@ def radam(
     decoupled = _checks.boolean(name, "decoupled_weight_decay", decoupled_weight_decay)
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         inplace, b1, b2, lr_t, s = c.inplace, h["b1"], h["b2"], h["lr"], c.step
         # torch.optim's foreach arithmetic, on 0-d tensors instead of Python floats.
         rho_inf = 2 / (1 - b2) - 1

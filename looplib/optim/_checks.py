@@ -71,7 +71,7 @@ def hyperparameters_only(factory: F) -> F:
 
 def lr(func: str, value: Any) -> Hyper:
     if callable(value):
-        return value  # type: ignore[no-any-return]
+        return value
     x = _validate.real(func, "lr", value, LR_RULE)
     if not (math.isfinite(x) and x >= 0):
         _validate.fail(func, "lr", LR_RULE, value)
@@ -81,7 +81,7 @@ def lr(func: str, value: Any) -> Hyper:
 def hyper(func: str, arg: str, value: Any, check: Callable[[str, str, Any], float]) -> Hyper:
     """A schedule as given, or a number checked by ``check(func, arg, value)``."""
     if callable(value):
-        return value  # type: ignore[no-any-return]
+        return value
     return check(func, arg, value)
 
 

@@ -52,7 +52,7 @@ class Ctx(NamedTuple):
         scalars: the new values of the state's scalar fields, on the group's device.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count, as in the states
     step: Tensor
     dtype: torch.dtype
     param_dtype: torch.dtype

@@ -124,6 +124,8 @@ def from_torch(cls: type, **hyperparameters: Any) -> Optimizer:
         _checks.keys(func, grads, params)
         if ops.is_batched(*params.values()) or ops.is_batched(*grads.values()):
             raise RuntimeError(_VMAP.format(func=label))
+        if not params:  # torch.optim refuses an empty parameter list
+            return {}, TorchOptimState(opt_state.count + 1, {})
         leaves = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
         opt = cls(list(leaves.values()), **hyperparameters)
         first = bool(opt_state.count == 0)  # host read: torch.optim reads its step anyway
@@ -155,6 +157,8 @@ def from_torch(cls: type, **hyperparameters: Any) -> Optimizer:
         return TorchOptimState(count, state)
 
     def _first_state(params: Params, grads: Params) -> dict[str, dict[str, Tensor]]:
+        if not params:
+            return {}
         leaves = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
         opt = cls(list(leaves.values()), **hyperparameters)
         for k, leaf in leaves.items():

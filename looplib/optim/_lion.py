@@ -81,7 +81,7 @@ def lion(
     }
     maximize = _checks.boolean(name, "maximize", maximize)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         b1, b2, ms = h["b1"], h["b2"], bufs["mu"]
         if maximize:
             gs = ops.neg(gs)

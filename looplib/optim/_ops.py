@@ -19,13 +19,15 @@ scalar is applied by an explicit multiplication, which rounds as the fused form 
 ``x + alpha * y`` into one rounding where the tensor form rounds twice.
 
 In-place forms (trailing ``_``) write into their first list and return it, so a kernel can write
-``ms = ops.mul_(ms, b) if inplace else ops.mul(ms, b)``.
+``ms = ops.mul_(ms, b) if inplace else ops.mul(ms, b)``. Where an in-place ATen op has no batching
+rule either (``lerp_``, ``addcmul_``, ``addcdiv_``, ``clamp_``, ``maximum`` with ``out=``), the
+batched form computes out of place with the same kernel and copies the result in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch._C._functorch import is_batchedtensor
@@ -79,7 +81,7 @@ def is_batched(*args: object) -> bool:
     return any(_batched(a) for a in args)
 
 
-def _each(other: Scalar | Sequence[Tensor], n: int) -> Sequence[Scalar]:
+def _each(other: Any, n: int) -> Sequence[Any]:
     return other if isinstance(other, (list, tuple)) else [other] * n
 
 
@@ -170,13 +172,13 @@ def norm(xs: Tensors) -> Tensors:
 # --------------------------------------------------------------------------- binary
 
 
-def _scaled(other: Scalar | Tensors, alpha: Scalar) -> tuple[Scalar | Tensors, Scalar]:
+def _scaled(other: Scalar | Tensors, alpha: Scalar) -> tuple[Scalar | Tensors, float]:
     """``(alpha * other, 1)`` where ATen cannot take ``alpha`` as given, else unchanged."""
     if not isinstance(other, (list, tuple)):
-        return (other if isinstance(alpha, (int, float)) and alpha == 1 else alpha * other), 1
+        return (other if isinstance(alpha, (int, float)) and alpha == 1 else alpha * other), 1.0
     if isinstance(alpha, Tensor):
-        return mul(list(other), alpha), 1
-    return other, alpha
+        return mul(list(other), alpha), 1.0
+    return other, float(alpha)
 
 
 def add(xs: Tensors, other: Scalar | Tensors, alpha: Scalar = 1) -> Tensors:
@@ -212,7 +214,7 @@ def mul(xs: Tensors, other: Scalar | Tensors) -> Tensors:
     """``[x * o ...]``; ``other`` a list (elementwise) or a scalar."""
     if is_batched(xs, other):
         return [torch.mul(x, o) for x, o in zip(xs, _each(other, len(xs)), strict=True)]
-    return list(torch._foreach_mul(xs, other))  # type: ignore[arg-type]
+    return list(torch._foreach_mul(xs, other))
 
 
 def mul_(xs: Tensors, other: Scalar | Tensors) -> Tensors:
@@ -220,7 +222,7 @@ def mul_(xs: Tensors, other: Scalar | Tensors) -> Tensors:
         for x, o in zip(xs, _each(other, len(xs)), strict=True):
             x.mul_(o)
     else:
-        torch._foreach_mul_(xs, other)  # type: ignore[arg-type]
+        torch._foreach_mul_(xs, other)
     return xs
 
 
@@ -228,7 +230,7 @@ def div(xs: Tensors, other: Scalar | Tensors) -> Tensors:
     """``[x / o ...]``; ``other`` a list (elementwise) or a scalar."""
     if is_batched(xs, other):
         return [torch.div(x, o) for x, o in zip(xs, _each(other, len(xs)), strict=True)]
-    return list(torch._foreach_div(xs, other))  # type: ignore[arg-type]
+    return list(torch._foreach_div(xs, other))
 
 
 def div_(xs: Tensors, other: Scalar | Tensors) -> Tensors:
@@ -236,7 +238,7 @@ def div_(xs: Tensors, other: Scalar | Tensors) -> Tensors:
         for x, o in zip(xs, _each(other, len(xs)), strict=True):
             x.div_(o)
     else:
-        torch._foreach_div_(xs, other)  # type: ignore[arg-type]
+        torch._foreach_div_(xs, other)
     return xs
 
 
@@ -260,15 +262,15 @@ def clamp_min(xs: Tensors, low: float | Tensors) -> Tensors:
     """``[x.clamp(min=low) ...]``; ``low`` a number or a list of tensors (one per ``x``)."""
     if is_batched(xs, low):
         return [torch.clamp(x, min=lo) for x, lo in zip(xs, _each(low, len(xs)), strict=True)]
-    return list(torch._foreach_clamp_min(xs, low))  # type: ignore[arg-type]
+    return list(torch._foreach_clamp_min(xs, low))
 
 
 def clamp_min_(xs: Tensors, low: float | Tensors) -> Tensors:
     if is_batched(xs, low):
         for x, lo in zip(xs, _each(low, len(xs)), strict=True):
-            x.clamp_(min=lo)
+            x.copy_(torch.clamp(x, min=lo))
     else:
-        torch._foreach_clamp_min_(xs, low)  # type: ignore[arg-type]
+        torch._foreach_clamp_min_(xs, low)
     return xs
 
 
@@ -287,7 +289,7 @@ def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> Tensors:
 def lerp_(xs: Tensors, ys: Tensors, weight: Scalar) -> Tensors:
     if isinstance(weight, Tensor) or is_batched(xs, ys):
         for x, y in zip(xs, ys, strict=True):
-            x.lerp_(y, _like(weight, x))
+            x.copy_(torch.lerp(x, y, _like(weight, x)))
     else:
         torch._foreach_lerp_(xs, ys, weight)
     return xs
@@ -310,7 +312,7 @@ def addcmul_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1) -> Tensor
         ys, value = mul(ys, value), 1
     if is_batched(xs, ys, zs):
         for x, y, z in zip(xs, ys, zs, strict=True):
-            x.addcmul_(y, z, value=value)
+            x.copy_(torch.addcmul(x, y, z, value=value))
     else:
         torch._foreach_addcmul_(xs, ys, zs, value=value)
     return xs
@@ -330,7 +332,7 @@ def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1) -> Tensor
         ys, value = mul(ys, value), 1
     if is_batched(xs, ys, zs):
         for x, y, z in zip(xs, ys, zs, strict=True):
-            x.addcdiv_(y, z, value=value)
+            x.copy_(torch.addcdiv(x, y, z, value=value))
     else:
         torch._foreach_addcdiv_(xs, ys, zs, value=value)
     return xs

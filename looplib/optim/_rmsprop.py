@@ -95,7 +95,7 @@ def rmsprop(
     maximize = _checks.boolean(name, "maximize", maximize)
     has_momentum = _checks.nonzero(hyper["momentum"])
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         # torch.optim's foreach order of operations.
         inplace, alpha = c.inplace, h["alpha"]
         if maximize:

@@ -95,7 +95,7 @@ def sgd(
         )
     has_momentum = _checks.nonzero(momentum)
 
-    def kernel(ps, gs, bufs, h, c):  # type: ignore[no-untyped-def]
+    def kernel(ps, gs, bufs, h, c):
         # torch.optim's foreach order of operations; ``c.inplace`` only says whether ``ps`` and
         # the buffers may be written, the same ops run either way.
         if maximize:
