@@ -133,3 +133,46 @@ def test_doctests_of_the_core_modules_pass(module: str) -> None:
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {module}"
+
+
+OPTIM_PUBLIC = [
+    "AdafactorState",
+    "AdagradState",
+    "AdamState",
+    "AdamaxState",
+    "AmsgradState",
+    "LionState",
+    "MaskedState",
+    "NadamState",
+    "RmspropState",
+    "SgdState",
+    "TorchOptimState",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "from_torch",
+    "lion",
+    "masked",
+    "nadam",
+    "partition",
+    "radam",
+    "rmsprop",
+    "sgd",
+]
+
+
+def test_optim_all_is_pinned() -> None:
+    assert ll.optim.__all__ == OPTIM_PUBLIC
+    namespace: dict = {}
+    exec("from looplib.optim import *", namespace)
+    assert sorted(k for k in namespace if k != "__builtins__") == sorted(OPTIM_PUBLIC)
+
+
+def test_optim_state_classes_keep_their_checkpoint_names() -> None:
+    # Checkpoints written before optim became a package name the states this way.
+    from looplib._checkpoint import _NAMES
+
+    assert _NAMES[ll.optim.SgdState] == "looplib.optim.SgdState"
+    assert _NAMES[ll.optim.AdamState] == "looplib.optim.AdamState"
