@@ -12,7 +12,7 @@ from . import optim, schedules
 from ._accumulate import AccumulateState, accumulate
 from ._checkpoint import load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
-from ._compile import CompiledStep, compile
+from ._compile import CompiledStep, CompileError, compile
 from ._distributed import (
     agree,
     all_reduce_metrics,
@@ -33,11 +33,13 @@ from ._tbptt import split_time, tbptt_split
 from ._track import track_norm
 from ._transform import Transformer, chain
 from ._types import Optimizer, TrainState
+from ._vmap import stack, unstack, vmap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "CompileError",
     "CompiledStep",
     "FitResult",
     "LossOutput",
@@ -83,10 +85,13 @@ __all__ = [
     "shard",
     "skip_nonfinite",
     "split_time",
+    "stack",
     "stop_reason",
     "tbptt_split",
     "track_norm",
     "train_step",
+    "unstack",
+    "vmap",
     "world",
     "__version__",
 ]

@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from . import _ops
 from . import _validate as v
-from ._step import ApplyFn, Stage
+from ._step import ApplyFn, Micro, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import norms_of
 from ._types import Params, Tensor, TrainState
@@ -23,11 +24,24 @@ def clip_by_global_norm(
 
     ``coef = min(1, max_norm / (norm + 1e-6))`` multiplies every gradient, as a tensor (no host
     sync, no Python branch), so the result equals ``clip_grad_norm_`` bit for bit.
+
+    >>> g, norm = clip_by_global_norm({"w": torch.tensor([3.0, 4.0])}, 1.0)
+    >>> norm, g["w"]
+    (tensor(5.), tensor([0.6000, 0.8000]))
     """
-    g = list(grads.values())
-    _, total = norms_of(grads, norm_type)
+    max_norm = v.positive("clip_by_global_norm", "max_norm", max_norm, allow_inf=True)
+    p = v.norm_type("clip_by_global_norm", "norm_type", norm_type)
+    if not isinstance(grads, dict):
+        v.fail("clip_by_global_norm", "grads", "must be a dict of tensors", grads, exc=TypeError)
+    return _clip(grads, max_norm, p, None)
+
+
+def _clip(
+    grads: Params, max_norm: float, p: float, known: dict[float, tuple[list[Tensor], Tensor]] | None
+) -> tuple[Params, Tensor]:
+    _, total = known[p] if known and p in known else norms_of(grads, p)
     coef = torch.clamp(max_norm / (total + EPS), max=1.0)
-    scaled = torch._foreach_mul(g, coef) if g else []
+    scaled = _ops.mul(list(grads.values()), coef) if grads else []
     return dict(zip(grads.keys(), scaled, strict=True)), total
 
 
@@ -60,9 +74,9 @@ def clip(max_norm: float, norm_type: float | str = 2.0) -> Transformer:
         if math.isinf(max_norm):
             return inner
 
-        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
-            clipped, _ = clip_by_global_norm(grads, max_norm, p)
-            return inner(state, clipped, weight)
+        def apply(state: TrainState, micro: Micro) -> TrainState:
+            clipped, _ = _clip(micro.grads, max_norm, p, micro.norms)
+            return inner(state, micro._replace(grads=clipped, norms=None))
 
         return apply
 

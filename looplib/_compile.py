@@ -1,54 +1,117 @@
-"""``compile``: capture a whole step (forward, backward, transformers, optimizer) as one graph."""
+"""``compile``: capture a whole update (forward, backward, transformers, optimizer) as one graph."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from . import _validate as v
-from ._step import NO_CARRY, Step, weighted_mean
-from ._tree import detach
+from ._fold import own
+from ._step import Step
 from ._types import Metrics, TrainState
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+FALLBACKS = ("raise", "eager")
 
+NOT_CAPTURED = (
+    "ll.compile: {step!r} cannot be captured as one graph. The compiler said: {error}\n"
+    "Change the model or loss so the compiler can trace it (torch.compile(fullgraph=True) "
+    "must accept it), or pass ll.compile(step, fallback='eager') to run this step eagerly "
+    "instead, at eager speed, after one warning."
+)
 FALLBACK_WARNING = (
-    "ll.compile: this step could not be captured as one graph, so it runs eagerly instead "
-    "(same results, eager speed). The compiler said: {error}"
+    "ll.compile(..., fallback='eager'): this step could not be captured as one graph, so it "
+    "runs eagerly instead (same results, eager speed). The compiler said: {error}"
 )
 
 
-class CompiledStep:
-    """A :class:`Step` whose micro-batch (gradient, transformers and optimizer update) runs as
-    one compiled graph. Call it like the step: ``state = compiled(state, batch)``.
+class CompileError(RuntimeError):
+    """Raised at the first call of a compiled step the compiler cannot capture."""
 
-    Results equal the eager step's up to floating-point reassociation by the compiler. The graph
-    is traced on the first call (and once more for the first chunk's empty carry under
-    ``tbptt_split``); the state's structure and dtypes never change, counters are tensors and the
-    accumulation window is a tensor select, so later steps reuse the same graph.
+
+def _autograd_in_graph() -> contextlib.AbstractContextManager[Any]:
+    """Let the compiler put ``torch.autograd.grad`` in the graph (torch >= 2.11)."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return torch._dynamo.config.patch(trace_autograd_ops=True)
+    return contextlib.nullcontext()
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"
+
+
+class _Captured(NamedTuple):
+    graph: Any
+    state: TrainState
+    batches: Any
+
+
+def _layout(tree: Any) -> Any:
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    return spec, tuple(
+        (x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves
+    )
+
+
+def _copy_into(targets: Any, sources: Any) -> None:
+    for t, s in zip(optree.tree_leaves(targets), optree.tree_leaves(sources), strict=True):
+        if isinstance(t, torch.Tensor) and t is not s:
+            t.copy_(s)
+
+
+class CompiledStep:
+    """A :class:`Step` whose updates run as compiled graphs. Call it like the step, or hand it
+    to ``fold``/``fit``, which call it once per optimizer update.
+
+    Results equal the eager step's up to floating-point reassociation by the compiler, dropout
+    masks included (they are drawn from the state's key by plain tensor arithmetic). One graph
+    is traced per kind of call: a whole window of ``accumulate(k)`` (``fold``/``fit``), a
+    smaller last window or batch, a lone ``compiled(state, batch)``. The state's structure never
+    changes, so later calls reuse them.
     """
 
     def __init__(
-        self, step: Step, *, mode: str | None, donate: bool, options: dict[str, Any]
+        self, step: Step, *, mode: str | None, donate: bool, fallback: str, options: dict[str, Any]
     ) -> None:
         self.step = step
         self.mode = mode
         self.donate = donate
+        self.fallback = fallback
         self.eager = False
         self.error: str | None = None
-        self._grad_keys: tuple[str, ...] | None = None
-        self._compiled = torch.compile(self._core, fullgraph=True, mode=mode, **options)
+        inductor = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
+        self._compiled = torch.compile(
+            self._graph, fullgraph=True, mode=inductor.get(mode, mode), **options
+        )
+        self._captured: dict[Any, _Captured] | None = {} if mode in CUDAGRAPH_MODES else None
 
-    # Properties of the underlying step, so a compiled step can stand in for it (``fit``).
+    # The step's other parts, so a compiled step stands in for it.
     @property
     def model(self) -> torch.nn.Module:
         return self.step.model
 
-    def init(self, state: TrainState) -> TrainState:
-        return self.step.init(state)
+    @property
+    def window(self) -> int:
+        return self.step.window
+
+    @property
+    def split(self) -> Any:
+        return self.step.split
+
+    @property
+    def stages(self) -> Any:
+        return self.step.stages
+
+    def init(self, state: TrainState, batch: Any = None) -> TrainState:
+        return self.step.init(state, batch) if batch is not None else self.step.init(state)
 
     def flush(self, state: TrainState) -> TrainState:
         return self.step.flush(state)
@@ -56,61 +119,103 @@ class CompiledStep:
     def evaluate(self, state: TrainState, batch: Any) -> Metrics:
         return self.step.evaluate(state, batch)
 
+    def chunks(self, batch: Any) -> Sequence[Any]:
+        return self.step.chunks(batch)
+
+    def position(self, state: TrainState) -> int:
+        return self.step.position(state)
+
+    def groups(self, batches: Iterable[Any], position: int) -> Iterator[tuple[list[Any], int]]:
+        return self.step.groups(batches, position)
+
+    def check(self, state: TrainState) -> None:
+        self.step.check(state)
+
+    def check_structure(self, state: TrainState, func: str = "step") -> None:
+        self.step.check_structure(state, func)
+
     def __repr__(self) -> str:
         return f"compile({self.step!r}, mode={self.mode!r})"
 
-    def _core(self, state: TrainState, batch: Any, carry: Any) -> tuple[Any, Metrics, Any]:
-        new, out = self.step.micro(state, batch, carry)
-        # The state leaves as a plain tuple: some compiler releases rebuild NamedTuple outputs
-        # of a graph wrongly; it is made a TrainState again outside.
-        return tuple(new), out.metrics, out.carry
+    # -- running -----------------------------------------------------------------------------
+    def _graph(
+        self, state: TrainState, batches: Sequence[Any], start: int | None, donate: bool
+    ) -> tuple[Any, ...]:
+        # A plain tuple out of the graph: some compiler releases rebuild NamedTuples wrongly.
+        return tuple(self.step.run(state, batches, start, donate))
 
-    def _micro(self, state: TrainState, batch: Any, carry: Any) -> tuple[TrainState, Metrics, Any]:
-        fields, metrics, carry = self._micro_fields(state, batch, carry)
-        return TrainState(*fields), metrics, carry
+    def _call(
+        self, state: TrainState, batches: Sequence[Any], start: int | None, donate: bool
+    ) -> TrainState:
+        if self.eager:
+            return self.step.run(state, batches, start, donate)
+        try:
+            with _autograd_in_graph():
+                return TrainState(*self._compiled(state, list(batches), start, donate))
+        except Exception as error:  # the compiler's errors share no base class
+            # An error of the step itself (a bad batch, a bug in the loss) fails eagerly too,
+            # and is then reported as it is, not as the compiler's.
+            eager = self.step.run(state, batches, start, donate)
+            self.error = _reason(error)
+            if self.fallback == "raise":
+                raise CompileError(NOT_CAPTURED.format(step=self.step, error=self.error)) from error
+            self.eager = True
+            warnings.warn(FALLBACK_WARNING.format(error=self.error), RuntimeWarning, stacklevel=4)
+            return eager
 
-    def _micro_fields(self, state: TrainState, batch: Any, carry: Any) -> tuple[Any, Metrics, Any]:
-        if not self.eager:
-            try:
-                if self.donate and self.mode in CUDAGRAPH_MODES:
-                    # The previous state is consumed: its buffers may now be replayed into.
-                    torch.compiler.cudagraph_mark_step_begin()
-                return self._compiled(state, batch, carry)
-            except Exception as error:  # the compiler's errors have no common base class
-                self.eager = True
-                self.error = (
-                    f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                )
-                warnings.warn(
-                    FALLBACK_WARNING.format(error=self.error), RuntimeWarning, stacklevel=3
-                )
-        return self._core(state, batch, carry)
+    def run(
+        self,
+        state: TrainState,
+        batches: Sequence[Any],
+        start: int | None = None,
+        donate: bool = False,
+    ) -> TrainState:
+        """:meth:`Step.run`, compiled (and replayed as a CUDA graph in the CUDA-graph modes)."""
+        if self._captured is None or self.eager:
+            return self._call(state, batches, start, donate or self.donate)
+        return self._replay(state, batches, start)
 
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
-        consumed = self.donate and self.mode in CUDAGRAPH_MODES
-        return self.step.call_with(self._run, state, batch, narrow=self._narrow, consumed=consumed)
+        state = self.step.init(state, batch)
+        self.step.check_structure(state)
+        new = self.run(state, (batch,))
+        self.step.check_output(state, new)
+        return new
 
-    def _narrow(self, state: TrainState) -> TrainState:
-        # Hand the graph only the metrics a transformer reads back (the tracked norms), so its
-        # inputs are the same on every call, before and after the loss metrics exist.
-        if self._grad_keys is None:
-            self._grad_keys = tuple(self.step.init(state._replace(metrics={})).metrics)
-        return state._replace(metrics={k: state.metrics[k] for k in self._grad_keys})
-
-    def _run(self, inputs: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        step = self.step
-        if step.split is None:
-            new, metrics, _ = self._micro(inputs, batch, NO_CARRY)
+    def _replay(self, state: TrainState, batches: Sequence[Any], start: int | None) -> TrainState:
+        """Run the update as a CUDA graph over fixed buffers, captured on the first call of each
+        kind; the state is donated: the buffers returned are those the next call updates."""
+        assert self._captured is not None
+        key = (start, _layout(list(batches)))
+        entry = self._captured.get(key)
+        if entry is None:
+            entry = self._capture(state, list(batches), start)
+            if self.eager:
+                return entry.state
+            self._captured[key] = entry
         else:
-            carry: Any = None
-            parts = []
-            new = inputs
-            for chunk in step.split.split(batch):
-                new, part, carry = self._micro(new, chunk, carry)
-                carry = detach(carry)
-                parts.append(part)
-            metrics = weighted_mean(parts)
-        return new, metrics
+            if state is not entry.state:
+                _copy_into(entry.state, state)
+            _copy_into(entry.batches, list(batches))
+        entry.graph.replay()
+        return entry.state
+
+    def _capture(self, state: TrainState, batches: list[Any], start: int | None) -> _Captured:
+        static = own(state)
+        inputs = own(batches)  # type: ignore[arg-type]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile and warm up on scratch copies
+                self._call(own(static), inputs, start, True)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.eager:  # the fallback took over while warming up
+            return _Captured(None, self.step.run(state, batches, start, True), inputs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._call(static, inputs, start, True)
+            _copy_into(static, out)
+        return _Captured(graph, static, inputs)
 
 
 def compile(
@@ -118,25 +223,34 @@ def compile(
     *,
     mode: str | None = None,
     donate: bool = False,
+    fallback: str = "raise",
     **options: Any,
 ) -> CompiledStep:
-    """Compile a whole step with ``torch.compile(fullgraph=True)``.
+    """Compile a whole update with ``torch.compile(fullgraph=True)``.
 
-    Purity is what makes this possible: the forward, the backward (``torch.func.grad_and_value``,
-    traced), the gradient transformers and the optimizer update are one function of tensors,
-    captured as one graph with no graph breaks. Where a model cannot be captured, the step runs
-    eagerly instead, after one ``RuntimeWarning`` (never a crash); ``compiled.eager`` and
-    ``compiled.error`` tell what happened.
+    Purity is what makes this possible: the forward, the backward (``torch.autograd.grad`` in
+    the graph), the gradient transformers and the optimizer are one function of tensors, with
+    no host reads, captured as one graph with no graph breaks. ``fold`` and ``fit`` call it once
+    per optimizer update: all ``k`` micro-batches of an ``accumulate(k)`` window are in the one
+    graph. A batch of another size (say, the last) gets a graph of its own, or shapes made
+    dynamic by the compiler after the first change; it never drops the run to eager.
 
-    CUDA graphs (``mode="reduce-overhead"``) replay into the same output buffers, so each call
-    overwrites the previous call's output state. They therefore need ``donate=True``: the caller
-    promises not to use a state after passing it to the step (as with JAX's ``donate_argnums``).
-    Without CUDA graphs every old state stays valid.
+    A step the compiler cannot capture raises :class:`CompileError` at its first call, with the
+    compiler's reason; ``fallback="eager"`` runs it eagerly instead, after one warning
+    (``compiled.eager`` and ``compiled.error`` tell what happened). No failure leaves the eager
+    step unusable.
+
+    CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``) need ``donate=True``: the
+    update is captured once per kind of call and replayed over fixed buffers that it updates in
+    place, so the state a call returns is those buffers, and the state passed in is consumed
+    (JAX's ``donate_argnums``). Without CUDA graphs every old state stays valid.
 
     Args:
-        step: a :class:`Step` (``tbptt_split`` steps compile their per-chunk micro-step).
-        mode: ``torch.compile``'s mode.
-        donate: consume the input state (required by CUDA-graph modes).
+        step: a :class:`Step`.
+        mode: ``torch.compile``'s mode; the CUDA-graph modes are captured by looplib over its
+            own buffers (see above).
+        donate: consume the input state (required by the CUDA-graph modes).
+        fallback: ``"raise"`` (default) or ``"eager"``, for a step that cannot be captured.
         options: other keyword arguments for ``torch.compile`` (e.g. ``dynamic=False``).
 
     Returns:
@@ -147,25 +261,17 @@ def compile(
             "compile", "step", "must be a looplib Step (from ll.train_step)", step, exc=TypeError
         )
     v.one_of("compile", "mode", mode, MODES)
+    v.one_of("compile", "fallback", fallback, FALLBACKS)
     if not isinstance(donate, bool):
         v.fail("compile", "donate", "must be a bool", donate, exc=TypeError)
     if mode in CUDAGRAPH_MODES and not donate:
         v.fail(
             "compile",
             "mode",
-            "uses CUDA graphs, which overwrite the previous output state on every call, so it "
-            "needs donate=True",
+            "uses CUDA graphs, which update fixed buffers in place on every call, so it needs "
+            "donate=True",
             mode,
             fix="Pass donate=True and stop using each state once you have passed it to the step, "
             "or use mode='max-autotune-no-cudagraphs'.",
         )
-    if step.donate:
-        v.fail(
-            "compile",
-            "step",
-            "must not be a donating step (ll.donate): a compiled step selects between the "
-            "updated and the held state with torch.where, which in-place updates would defeat",
-            step,
-            fix="Compile the pure step; pass donate=True to compile for CUDA graphs.",
-        )
-    return CompiledStep(step, mode=mode, donate=donate, options=options)
+    return CompiledStep(step, mode=mode, donate=donate, fallback=fallback, options=options)

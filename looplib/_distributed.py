@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as v
-from ._step import ApplyFn, Stage
+from ._step import ApplyFn, Micro, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import leaves_by_path
-from ._types import Params, Tensor, TrainState, describe
+from ._types import Metrics, Params, Tensor, TrainState, describe
 
 NOT_AVAILABLE = (
     "{func}: torch.distributed is not available in this build of PyTorch; install a build "
@@ -144,43 +144,55 @@ def _buckets(grads: Params) -> dict[tuple[torch.dtype, torch.device], list[str]]
     return buckets
 
 
-def _weighted_mean(grads: Params, weight: Tensor, group: Any) -> tuple[Params, Tensor]:
-    """``(sum_r w_r g_r / sum_r w_r, sum_r w_r)`` over the group's ranks.
+def _weighted_mean(
+    grads: Params, weight: Tensor, metrics: Metrics, group: Any
+) -> tuple[Params, Tensor, Metrics]:
+    """``(sum_r w_r g_r / sum_r w_r, sum_r w_r, sum_r w_r m_r / sum_r w_r)`` over the ranks.
 
-    One ``all_reduce`` per (dtype, device) bucket; the weight rides at the end of the widest
-    real-valued bucket, which is reduced first so the others can be divided as they arrive.
+    One ``all_reduce`` per (dtype, device) bucket; the weight and the metrics ride at the end of
+    the widest real-valued bucket, which is reduced first so the others can be divided as they
+    arrive.
     """
     buckets = _buckets(grads)
     real = [key for key in buckets if not key[0].is_complex]
     host = max(real, key=lambda key: torch.finfo(key[0]).bits) if real else None
     order = sorted(buckets, key=lambda key: key != host)
+    names = list(metrics)
     total: Tensor | None = None
-    if host is None:  # no real-valued gradient: the weight travels on its own
+    reduced: Metrics = {}
+    if host is None:  # no real-valued gradient: the weight and metrics travel on their own
         comm = _comm_device(group, weight.device)
-        total = weight.to(device=comm, dtype=torch.float64).reshape(1).clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        total = total[0]
+        w = weight.to(device=comm, dtype=torch.float64)
+        extra = torch.stack([w, *(metrics[n].to(comm, torch.float64) * w for n in names)])
+        dist.all_reduce(extra, op=dist.ReduceOp.SUM, group=group)
+        total = extra[0]
+        reduced = {n: extra[1 + i] / total for i, n in enumerate(names)}
     out: dict[str, Tensor] = {}
     for key in order:
         dtype, device = key
-        names = buckets[key]
+        bucket = buckets[key]
         comm = _comm_device(group, device)
         w = weight.to(device=comm, dtype=dtype, non_blocking=True)
-        parts = [(grads[n].to(device=comm, dtype=dtype) * w).reshape(-1) for n in names]
+        parts = [(grads[n].to(device=comm, dtype=dtype) * w).reshape(-1) for n in bucket]
         if key == host:
             parts.append(w.reshape(1))
+            parts.extend((metrics[n].to(device=comm, dtype=dtype) * w).reshape(1) for n in names)
         buffer = torch.cat(parts)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         if key == host:
-            buffer, total = buffer[:-1], buffer[-1]
+            tail = len(names) + 1
+            buffer, extra = buffer[:-tail], buffer[-tail:]
+            total = extra[0]
+            reduced = {n: extra[1 + i] / total for i, n in enumerate(names)}
         assert total is not None
         mean = buffer / total.to(device=comm, dtype=buffer.real.dtype)
-        pieces = mean.split([grads[n].numel() for n in names])
-        for n, piece in zip(names, pieces, strict=True):
+        pieces = mean.split([grads[n].numel() for n in bucket])
+        for n, piece in zip(bucket, pieces, strict=True):
             g = grads[n]
             out[n] = piece.view(g.shape).to(device=g.device, dtype=g.dtype)
     assert total is not None
-    return {n: out[n] for n in grads}, total.to(dtype=weight.dtype)
+    metrics_out = {n: reduced[n].to(device=metrics[n].device, dtype=metrics[n].dtype) for n in names}
+    return {n: out[n] for n in grads}, total.to(device=weight.device, dtype=weight.dtype), metrics_out
 
 
 def pmean(group: Any = None) -> Transformer:
@@ -196,7 +208,9 @@ def pmean(group: Any = None) -> Transformer:
     and ranks with unequal batches stay exact (a plain mean of the ``g_r`` would not). The
     products ``w_r * g_r`` of all parameters are flattened into one buffer per dtype and device,
     with the weight riding in one of them, so a model in one dtype costs one ``all_reduce`` per
-    call. Half-precision gradients are summed in float32. The incoming gradients are never
+    call. The loss-side metrics (``loss`` and the loss's own) ride in the same buffer, averaged
+    by the same weights, so every rank's ``state.metrics["loss"]`` is the whole batch's loss.
+    Half-precision gradients are summed in float32. The incoming gradients are never
     modified, and there is no host synchronisation.
 
     Where it stands in a chain decides how often it communicates: in
@@ -233,11 +247,11 @@ def pmean(group: Any = None) -> Transformer:
     name = "pmean()" if group is None else f"pmean(group={type(group).__name__})"
 
     def wrap(inner: ApplyFn) -> ApplyFn:
-        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
+        def apply(state: TrainState, micro: Micro) -> TrainState:
             if _require(name, group) == 1:
-                return inner(state, grads, weight)
-            mean, total = _weighted_mean(grads, weight, group)
-            return inner(state, mean, total)
+                return inner(state, micro)
+            grads, weight, metrics = _weighted_mean(micro.grads, micro.weight, micro.metrics, group)
+            return inner(state, micro._replace(grads=grads, weight=weight, metrics=metrics, norms=None))
 
         return apply
 

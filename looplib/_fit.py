@@ -17,6 +17,9 @@ from ._compile import CompiledStep
 from ._distributed import agree, all_reduce_metrics, broadcast_state, shard, world
 from ._resume import Checkpointer, Position, global_rng_states, set_global_rng_states
 from ._step import Step, weighted_mean
+from ._tally import SLOT as TALLY
+from ._tally import Tally, tally
+from ._tally import reset as reset_tally
 from ._stopping import Predicate, early_stopping, stop_reason
 from ._types import History, Metrics, TrainState, describe
 
@@ -153,67 +156,24 @@ def _to_floats(metrics: Metrics, skip: Sequence[str] = ()) -> dict[str, float]:
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-_WEIGHT = "\0weight"
-_UPDATES = "\0updates"
+def _with_tally(step: Step | CompiledStep) -> Step | CompiledStep:
+    """``step`` with the epoch tally as its last stage (see ``_tally.py``)."""
+    if isinstance(step, CompiledStep):
+        inner = step.step.replace(stages=(*step.step.stages, tally()))
+        return CompiledStep(
+            inner, mode=step.mode, donate=step.donate, fallback=step.fallback, options={}
+        )
+    return step.replace(stages=(*step.stages, tally()))
 
 
-class _EpochMeter:
-    """Sums an epoch's metrics on the device: loss-side ones by weight, gradient-side ones (the
-    values a transformer writes when an update is applied) by the number of updates."""
-
-    def __init__(self, grad_keys: set[str]) -> None:
-        self.grad_keys = grad_keys
-        self.sums: dict[str, torch.Tensor] = {}
-        self.weight: torch.Tensor | None = None
-        self.updates: torch.Tensor | None = None
-        self.batches = 0
-
-    def _sum(self, key: str, term: torch.Tensor) -> None:
-        self.sums[key] = term if key not in self.sums else self.sums[key] + term
-
-    def add_flush(self, metrics: Metrics, updates: torch.Tensor) -> None:
-        """Count the updates applied since the last call: they add the gradient-side values
-        (after a batch that applied no update, those are the previous update's, so they get no
-        weight). ``step.flush``'s update at the end of an epoch comes only through here."""
-        self.updates = updates if self.updates is None else self.updates + updates
-        for key in self.grad_keys:
-            value = metrics[key]
-            self._sum(key, torch.where(updates > 0, value * updates, torch.zeros_like(value)))
-
-    def add(self, metrics: Metrics, updates: torch.Tensor) -> None:
-        """Count one batch: its loss-side metrics by weight, and its updates."""
-        w = metrics["weight"]
-        self.weight = w if self.weight is None else self.weight + w
-        self.batches += 1
-        for key, value in metrics.items():
-            if key != "weight" and key not in self.grad_keys:
-                self._sum(key, value * w)
-        self.add_flush(metrics, updates)
-
-    def means(self) -> dict[str, float]:
-        """The epoch's averages as floats (one host sync), over all ranks when distributed:
-        loss-side metrics by weight, gradient-side ones by updates."""
-        if self.weight is None or self.updates is None:
-            return {}
-        loss_keys = [k for k in self.sums if k not in self.grad_keys]
-        grad_keys = [k for k in self.sums if k in self.grad_keys]
-        totals = {**self.sums, _WEIGHT: self.weight, _UPDATES: self.updates}
-        floats = _to_floats(totals)
-        means = all_reduce_metrics({k: floats[k] for k in loss_keys}, floats[_WEIGHT])
-        means.update(all_reduce_metrics({k: floats[k] for k in grad_keys}, floats[_UPDATES]))
-        return means
-
-    def to_tree(self) -> dict[str, Any]:
-        return {
-            "sums": self.sums,
-            "weight": self.weight,
-            "updates": self.updates,
-            "batches": self.batches,
-        }
-
-    def load(self, tree: dict[str, Any]) -> None:
-        self.sums = dict(tree["sums"])
-        self.weight, self.updates, self.batches = tree["weight"], tree["updates"], tree["batches"]
+def _epoch_means(sums: Tally) -> dict[str, float]:
+    """The epoch's averages as floats (one host sync), over all ranks when distributed."""
+    weight, updates = float(sums.weight), float(sums.updates)
+    loss_side = _to_floats(sums.weighted)
+    per_update = _to_floats(sums.per_update)
+    means = all_reduce_metrics(loss_side, weight)
+    means.update(all_reduce_metrics(per_update, updates))
+    return means
 
 
 def _check_monitors(stop: Any, has_val: bool) -> None:
@@ -424,10 +384,8 @@ def fit(
         done = _finished(history, min_epochs, max_epochs, max_steps, stop, state)
         if done is not None:
             return FitResult(state, history, done)
-    state = step.init(state)
-    if size > 1:
-        state = broadcast_state(state)
-    grad_keys = set(step.init(state._replace(metrics={})).metrics)
+    step = _with_tally(step)
+    started_up = False
     bar = _progress_bar(progress and rank == 0)
     reason = f"max_epochs={max_epochs} reached"
     done_batches = position.done
@@ -445,7 +403,9 @@ def fit(
                 batches = _limit(batches, train_fraction)
             if size > 1:
                 batches = _for_rank("train_batches", batches, size, shard_data)
-            meter = _EpochMeter(grad_keys)
+            if started_up:
+                state = reset_tally(state)
+            counted = 0
             reached_max = False
             if bar is not None:
                 bar.reset(total=_length(batches))
@@ -453,15 +413,22 @@ def fit(
             iterator = iter(batches)
             first = 0
             if mid_epoch:
-                assert resumed is not None and resumed.meter is not None
+                assert resumed is not None
                 first = position.batch
                 for _ in range(first):
                     next(iterator)
                 set_global_rng_states(resumed.rng)
-                meter.load(resumed.meter)
+                counted = first
                 if bar is not None:
                     bar.update(first)
             for index, batch in enumerate(iterator, start=first):
+                if not started_up:
+                    state = step.init(state, batch)
+                    if size > 1:
+                        state = broadcast_state(state)
+                    if epoch == position.epoch and position.batch == 0:
+                        state = reset_tally(state)
+                    started_up = True
                 before = state
                 # The generators before this batch: a checkpoint of the last good state must
                 # replay the batch's random draws (at batch 0, from the epoch's start).
@@ -481,7 +448,7 @@ def fit(
                             before,
                             history,
                             Position(epoch, index, done_batches),
-                            meter.to_tree() if index > 0 else None,
+                            None,
                             None,
                             epoch_rng,
                             rng=rng_before,
@@ -496,7 +463,7 @@ def fit(
                         epoch,
                         index,
                     )
-                meter.add(state.metrics, state.step - before.step)
+                counted += 1
                 done_batches += 1
                 if bar is not None:
                     bar.update(1)
@@ -507,18 +474,16 @@ def fit(
                     break
                 here = Position(epoch, index + 1, done_batches)
                 if checkpointer is not None and checkpointer.due(here, epoch_end=False):
-                    checkpointer.save(state, history, here, meter.to_tree(), None, epoch_rng)
-            if meter.batches == 0:
+                    checkpointer.save(state, history, here, None, None, epoch_rng)
+            if counted == 0:
                 v.fail(
                     "fit", "train_batches", "must yield at least one batch per epoch", train_batches
                 )
             if not reached_max:
-                flushed = step.flush(state)
-                meter.add_flush(flushed.metrics, flushed.step - state.step)
-                state = flushed
+                state = step.flush(state)
             entry: dict[str, float] = {"epoch": epoch, "step": int(state.step)}
-            entry["batches"] = meter.batches
-            entry.update(meter.means())
+            entry["batches"] = counted
+            entry.update(_epoch_means(state.slots[TALLY]))
             if has_val:
                 assert val is not None
                 entry.update({f"val_{k}": x for k, x in evaluate(step, state, val).items()})

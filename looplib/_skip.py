@@ -6,12 +6,12 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ops
 from . import _validate as v
 from ._checkpoint import register_checkpoint_type
-from ._step import ApplyFn, Stage
+from ._step import ApplyFn, Micro, Stage, branch
 from ._transform import Transformer, stage_transformer
-from ._tree import select
-from ._types import Params, Tensor, TrainState
+from ._types import Metrics, Params, Tensor, TrainState
 
 SLOT = "skip_nonfinite"
 
@@ -27,10 +27,11 @@ class SkipState(NamedTuple):
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """Raised by :func:`skip_nonfinite` after too many consecutive non-finite gradients.
+    """Raised where ``fold`` or ``fit`` check a state (see :func:`skip_nonfinite`) after more
+    than ``max_consecutive`` consecutive non-finite gradients.
 
-    ``state`` is the state after the last skipped step: its params and optimizer state are those
-    of the last good update.
+    ``state`` is the state checked: its params and optimizer state are those of the last good
+    update, since every bad one was skipped.
     """
 
     def __init__(self, message: str, state: TrainState) -> None:
@@ -43,20 +44,21 @@ def all_finite(grads: Params) -> Tensor:
     values = list(grads.values())
     if not values:
         return torch.ones((), dtype=torch.bool)
-    # The sum of |g| is finite only if every element is; one reduction per tensor.
-    sums = torch.stack([g.abs().sum().to(torch.float32) for g in values])
+    # The 1-norm is finite only if every element is; one reduction per tensor.
+    sums = torch.stack([n.to(torch.float32) for n in _ops.norms(values, 1.0)])
     return torch.isfinite(sums.sum())
 
 
 def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
     """Skip updates whose gradient (or the micro-batch's loss) is not finite.
 
-    A skipped gradient changes nothing downstream: the params, the optimizer state and
-    ``state.step`` stay as they were, and the slot ``state.slots["skip_nonfinite"]`` counts it.
-    (The buffers, such as BatchNorm's running statistics, are kept by the step itself for any
-    micro-batch whose loss is not finite.)
-    After more than ``max_consecutive`` skips in a row the step raises
-    :class:`NonFiniteGradientError` naming the step (its ``.state`` is the last good one).
+    A skipped gradient changes nothing downstream: the params, the optimizer state,
+    ``state.step`` and ``state.metrics`` stay as they were, and the slot
+    ``state.slots["skip_nonfinite"]`` counts it. (The buffers, such as BatchNorm's running
+    statistics, are kept by the step itself for any micro-batch whose loss is not finite.) The
+    decision is a select on a tensor: the step never reads a device value. ``fold``, ``fit``
+    and ``step.check(state)`` raise :class:`NonFiniteGradientError` when the slot shows more
+    than ``max_consecutive`` skips in a row (its ``.state`` holds the last good params).
 
     Where it stands in a chain sets its scope, like every gradient transformer:
 
@@ -82,7 +84,7 @@ def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
     limit = v.nonnegative_int("skip_nonfinite", "max_consecutive", max_consecutive)
     name = f"skip_nonfinite({limit})"
 
-    def init(state: TrainState) -> TrainState:
+    def init(state: TrainState, loss: Metrics | None) -> TrainState:
         if SLOT in state.slots:
             return state
         device = state.step.device
@@ -94,35 +96,32 @@ def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
         return state._replace(slots={**state.slots, SLOT: slot})
 
     def wrap(inner: ApplyFn) -> ApplyFn:
-        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
-            ok = all_finite(grads)
-            loss = state.metrics.get("loss")
-            if loss is not None:
-                ok = ok & torch.isfinite(loss).all()
+        def apply(state: TrainState, micro: Micro) -> TrainState:
+            ok = all_finite(micro.grads) & torch.isfinite(micro.metrics["loss"]).all()
             slot: SkipState = state.slots[SLOT]
-            good_slot = slot._replace(consecutive=torch.zeros_like(slot.consecutive))
-            bad_slot = SkipState(slot.consecutive + 1, slot.total + 1, state.step.clone())
-            skipped = state._replace(slots={**state.slots, SLOT: bad_slot})
-            if torch.compiler.is_compiling():
-                applied = inner(
-                    state._replace(slots={**state.slots, SLOT: good_slot}), grads, weight
-                )
-                return select(ok, applied, skipped)
-            if bool(ok):
-                return inner(state._replace(slots={**state.slots, SLOT: good_slot}), grads, weight)
-            return skipped
+
+            def good(state: TrainState, micro: Micro) -> TrainState:
+                fresh = slot._replace(consecutive=torch.zeros_like(slot.consecutive))
+                return inner(state._replace(slots={**state.slots, SLOT: fresh}), micro)
+
+            def bad(state: TrainState, micro: Micro) -> TrainState:
+                counted = SkipState(slot.consecutive + 1, slot.total + 1, state.step.clone())
+                return state._replace(slots={**state.slots, SLOT: counted})
+
+            return branch(ok, good, bad, state, micro)
 
         return apply
 
-    def after(state: TrainState) -> None:
+    def check(state: TrainState) -> None:
         slot: SkipState = state.slots[SLOT]
-        if int(slot.consecutive) > limit:
+        consecutive = int(slot.consecutive.max())
+        if consecutive > limit:
             raise NonFiniteGradientError(
-                f"{name}: {int(slot.consecutive)} consecutive non-finite gradients, the last at "
-                f"step {int(slot.last_step)} (optimizer updates applied so far); the error's "
+                f"{name}: {consecutive} consecutive non-finite gradients, the last at step "
+                f"{int(slot.last_step.max())} (optimizer updates applied so far); the error's "
                 ".state holds the last good params. Lower the learning rate, check the data, "
                 "or raise max_consecutive.",
                 state,
             )
 
-    return stage_transformer(Stage(name, wrap, init=init, slot=SLOT, after=after))
+    return stage_transformer(Stage(name, wrap, init=init, slot=SLOT, check=check))

@@ -1,51 +1,67 @@
 """The pure training step: ``(state, batch) -> state``.
 
-A :class:`Step` is made by :func:`train_step` and reshaped by transformers. It has three parts,
-each a pure function, and its call threads one batch through them::
+A :class:`Step` is made by :func:`train_step` and reshaped by transformers. One function,
+:meth:`Step.run`, does all the work, eagerly, compiled and vmapped alike::
 
-    def step(state, batch):
-        state = step.init(state)                       # add transformer slots (idempotent)
-        for chunk, carry in split(batch):              # one chunk unless tbptt_split is used
-            grads, weight, metrics, buffers, carry = gradient(state, chunk, carry)
-            state = apply(state._replace(buffers=buffers), grads, weight)
-        return state._replace(metrics=state.metrics | metrics)
+    def run(state, batches, start):
+        for batch in batches:
+            carry = None
+            for chunk in split(batch):                      # one chunk unless tbptt_split
+                grads, weight, metrics, buffers, carry = gradient(state, chunk, carry)
+                state = apply(state._replace(buffers=buffers), Micro(grads, weight, metrics))
+        return state
 
-``gradient`` runs the loss with the state's params and buffers swapped into the module (the
-same dictionary swaps ``torch.func.functional_call`` makes, with the slots found once when the
-step is built) and takes gradients with ``torch.autograd.grad`` on detached aliases of the params:
-fast, and it works with the fused RNN kernels. Under ``torch.compile`` it uses
-``functional_call`` and ``torch.func.grad_and_value`` instead, which the compiler traces.
+``gradient`` runs the loss with the state's params and buffers swapped into the module and takes
+``torch.autograd.grad`` while they are in place (so activation checkpointing recomputes on the
+state's tensors), drawing random numbers from the key in the state (see ``_random.py``).
 ``apply`` is the chain of gradient stages (``accumulate``, ``track_norm``, ``clip``, ...) ending
-in the optimizer.
+in the optimizer. ``start`` is the position in the accumulation window when the caller knows it
+(``fold`` and ``fit`` do): then which micro-batch closes a window is a Python fact and only the
+closing one runs the optimizer. Without it (a single ``step(state, batch)`` call) the window
+closes by a tensor select, with no host read either way.
+
+A step never reads a device value on the host, and the state it returns has exactly the structure
+it received: :meth:`Step.init` adds every slot, counter and metric a chain will write before the
+first call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import nn
 
+from . import _random
 from . import _validate as v
-from ._rng import SLOT as RNG
-from ._rng import rng_scope, rng_slot
 from ._swap import Swapper
-from ._tree import detach, grads_dict, shapes_only, structure_difference, without_metrics
+from ._tree import detach, select, shapes_only, structure_difference
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
-ApplyFn = Callable[[TrainState, Params, Tensor], TrainState]
-"""``apply(state, grads, weight) -> state``: consume one gradient (the weighted mean gradient of
-``weight`` samples)."""
-
-NO_CARRY: Any = object()
-"""Sentinel: the loss function takes no carry (``loss_fn(model, batch)``)."""
+RNG = _random.SLOT
 
 STRUCTURE_HELP = (
     "A step must return a state with exactly the structure, shapes and dtypes it received; "
-    "check the transformer or loss function that writes this entry."
+    "check the transformer, optimizer or loss function that writes this entry."
 )
+INIT_NEEDS_BATCH = (
+    "step.init(state): this state has no loss metrics yet, so the step must see an example batch "
+    "to learn what the loss reports; call step.init(state, batch) (fold, fit, and a first "
+    "step(state, batch) do this for you)."
+)
+
+
+class _NoCarry:
+    def __repr__(self) -> str:
+        return "NO_CARRY"
+
+
+NO_CARRY: Any = _NoCarry()
+"""Sentinel: the loss function takes no carry (``loss_fn(model, batch)``)."""
 
 
 class LossOutput(NamedTuple):
@@ -57,7 +73,8 @@ class LossOutput(NamedTuple):
 
     Attributes:
         loss: a 0-d tensor, the mean loss over the batch's samples (or tokens, see ``weight``).
-        metrics: a dict of 0-d tensors to report, averaged by ``weight`` over micro-batches.
+        metrics: a dict of one-element tensors to report, averaged by ``weight`` over the
+            micro-batches of an update.
         carry: the hidden state to hand to the next chunk under :func:`tbptt_split`.
         weight: how many units the mean ``loss`` averages over (samples, non-padding tokens);
             accumulation weights each micro-batch's gradient by it. ``None`` means the sample
@@ -70,24 +87,51 @@ class LossOutput(NamedTuple):
     weight: Tensor | float | int | None = None
 
 
+class Micro(NamedTuple):
+    """One gradient on its way through the gradient stages to the optimizer.
+
+    Attributes:
+        grads: the weighted mean gradient, keyed like ``state.params``.
+        weight: the total weight (samples, tokens) it averages over, a 0-d float32 tensor.
+        metrics: the loss-side metrics (``loss`` and the loss's own), averaged alike.
+        position: how many micro-batches the accumulation window held before this one, when
+            the caller knows it (a Python int); ``None``: read it from the state.
+        inplace: the optimizer may write into the state's tensors (the state is donated).
+        norms: p-norms already computed for exactly these ``grads``, ``{p: (each, total)}``,
+            or None; a stage that changes the gradient passes None on. Never written into.
+    """
+
+    grads: Params
+    weight: Tensor
+    metrics: Metrics
+    position: int | None = None
+    inplace: bool = False
+    norms: dict[float, tuple[list[Tensor], Tensor]] | None = None
+
+
+ApplyFn = Callable[[TrainState, Micro], TrainState]
+"""``apply(state, micro) -> state``: consume one gradient."""
+
+
 class Stage(NamedTuple):
-    """A gradient stage: a transformer that acts between the gradient and the optimizer.
+    """A gradient stage: a transformer acting between the gradient and the optimizer.
 
     ``wrap(inner) -> apply`` builds this stage's ``apply`` around the ``apply`` of the stages
-    after it. ``init(state) -> state`` adds the stage's slot (and any metrics it reports) if they
-    are missing, and leaves them alone otherwise. ``flush(state, inner) -> state`` ends a pending
-    accumulation window (only :func:`accumulate` has one). ``after(state)`` runs on the host
-    after every call of the step, outside any compiled graph (e.g. to raise on a counter).
-
-    While ``apply`` runs, ``state.metrics`` already holds the current micro-batch's loss metrics.
+    after it. ``init(state, loss) -> state`` adds the stage's slot and the metrics it writes
+    where missing (and leaves them alone otherwise); ``loss`` holds the loss-side metrics (with
+    their dtypes) whenever a slot is missing, else ``None``. ``flush(state, inner) -> state`` ends a pending
+    accumulation window. ``window`` is how many micro-batches make one update (``accumulate``).
+    ``check(state)`` is a host-side check that ``fold`` and ``fit`` run where they read the
+    state anyway (the step itself never reads a device value).
     """
 
     name: str
     wrap: Callable[[ApplyFn], ApplyFn]
-    init: Callable[[TrainState], TrainState] | None = None
+    init: Callable[[TrainState, Metrics | None], TrainState] | None = None
     flush: Callable[[TrainState, ApplyFn], TrainState] | None = None
     slot: str | None = None
-    after: Callable[[TrainState], None] | None = None
+    window: int = 1
+    check: Callable[[TrainState], None] | None = None
 
 
 class Split(NamedTuple):
@@ -147,33 +191,10 @@ def sample_count(batch: Any) -> int:
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _weight_tensor(count: int) -> Tensor:
-    """One shared 0-d tensor per sample count: building a tensor costs more than the rest of
-    the bookkeeping of a small step, and nothing ever writes into these."""
-    return torch.tensor(float(count))
-
-
-class _Bound(nn.Module):
-    """Runs the user's loss on the template module inside ``functional_call``."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self, batch: Any, carry: Any) -> Any:
-        return call_loss(self._loss_fn, self.model, batch, carry)
-
-
 def call_loss(loss_fn: Callable[..., Any], model: nn.Module, batch: Any, carry: Any) -> Any:
     if carry is NO_CARRY:
         return loss_fn(model, batch)
     return loss_fn(model, batch, carry)
-
-
-def _none_if_empty(x: Any) -> Any:
-    return None if isinstance(x, tuple) and not x else x
 
 
 def _as_loss_output(out: Any) -> LossOutput:
@@ -206,303 +227,8 @@ def _as_loss_output(out: Any) -> LossOutput:
     return result
 
 
-class Step:
-    """A pure training step, ``(state, batch) -> state``; build one with :func:`train_step`.
-
-    Calling it never changes any tensor of the state it receives, and returns a state with the
-    same structure, shapes and dtypes (``metrics`` is filled on the first call). Transformers
-    return new steps; a step is never modified.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[..., Any],
-        opt: Optimizer,
-        *,
-        weight: Callable[[Any], Any] | None = None,
-        stages: tuple[Stage, ...] = (),
-        split: Split | None = None,
-        donate: bool = False,
-    ) -> None:
-        self.model = model
-        self.donate = donate
-        self.loss_fn = loss_fn
-        self.opt = opt
-        self.weight = weight
-        self.stages = stages
-        self.split = split
-        self._bound = _Bound(model, loss_fn)
-        self._swapper = Swapper(model)
-        self._names = [f"model.{name}" for name, _ in model.named_parameters()]
-        self._buffer_names = [f"model.{name}" for name, _ in model.named_buffers()]
-        # Each stage's apply wraps the applies of the stages after it; keep, per stage, what it
-        # hands the gradient to (flush needs it) and the outermost apply.
-        apply: ApplyFn = self._optimizer_apply
-        inners: list[ApplyFn] = []
-        for stage in reversed(stages):
-            inners.append(apply)
-            apply = stage.wrap(apply)
-        self._inners: list[ApplyFn] = inners[::-1]
-        self.apply: ApplyFn = apply
-        self._checked: set[Any] = set()
-        self._reference: Any = None
-
-    # -- construction ----------------------------------------------------------------------
-    def replace(
-        self,
-        *,
-        stages: tuple[Stage, ...] | None = None,
-        split: Split | None = None,
-        donate: bool | None = None,
-    ) -> Step:
-        return Step(
-            self.model,
-            self.loss_fn,
-            self.opt,
-            weight=self.weight,
-            stages=self.stages if stages is None else stages,
-            split=self.split if split is None else split,
-            donate=self.donate if donate is None else donate,
-        )
-
-    def __repr__(self) -> str:
-        parts = ([self.split.name] if self.split else []) + [s.name for s in self.stages]
-        inner = f"train_step({type(self.model).__name__}, {getattr(self.loss_fn, '__name__', 'loss_fn')})"
-        if self.donate:
-            inner = f"donate({inner})"
-        return f"chain({', '.join(parts)})({inner})" if parts else inner
-
-    # -- the pure parts --------------------------------------------------------------------
-    def init(self, state: TrainState) -> TrainState:
-        """Add the slots (and reported metrics) of this step's transformers, where missing."""
-        for stage in self.stages:
-            if stage.init is not None:
-                state = stage.init(state)
-        return state
-
-    def _run_loss(
-        self, params: list[Tensor], buffers: list[Tensor], batch: Any, carry: Any
-    ) -> LossOutput:
-        if torch.compiler.is_compiling():
-            tensors: dict[str, Tensor] = dict(zip(self._names, params, strict=True))
-            tensors.update(zip(self._buffer_names, buffers, strict=True))
-            raw = torch.func.functional_call(self._bound, tensors, (batch, carry), strict=True)
-        else:
-            raw, buffers[:] = self._swapper.call(
-                params, buffers, lambda: call_loss(self.loss_fn, self.model, batch, carry)
-            )
-        return _as_loss_output(raw)
-
-    def _metrics(self, out: LossOutput, batch: Any) -> Metrics:
-        if out.weight is not None:
-            weight = torch.as_tensor(out.weight, dtype=torch.float32).detach()
-        elif self.weight is not None:
-            weight = torch.as_tensor(self.weight(batch), dtype=torch.float32)
-        elif torch.compiler.is_compiling():
-            weight = torch.tensor(float(sample_count(batch)))
-        else:
-            weight = _weight_tensor(sample_count(batch))
-        metrics = {"loss": out.loss.detach()}
-        for key, value in (out.metrics or {}).items():
-            if key in ("loss", "weight"):
-                v.fail(
-                    "train_step",
-                    "loss_fn",
-                    "must not return a metric named 'loss' or 'weight' (looplib reports those)",
-                    key,
-                )
-            metrics[key] = torch.as_tensor(value).detach()
-        metrics["weight"] = weight
-        return metrics
-
-    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
-        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
-        buffers = [b.clone() for b in state.buffers.values()]
-        if not self.model.training:
-            self.model.train()
-        if torch.compiler.is_compiling():
-            grads, out = self._traced_gradient(list(state.params.values()), buffers, batch, carry)
-        else:
-            leaves = [p.detach().requires_grad_(True) for p in state.params.values()]
-            with torch.enable_grad():
-                out = self._run_loss(leaves, buffers, batch, carry)
-            grads = torch.autograd.grad(out.loss, leaves, allow_unused=True, materialize_grads=True)
-        metrics = self._metrics(out, batch)
-        if buffers:
-            # A micro-batch whose loss is not finite leaves the buffers as they were, so one bad
-            # batch cannot poison BatchNorm's running statistics (a select, no host sync).
-            ok = torch.isfinite(metrics["loss"]).all()
-            buffers = [
-                torch.where(ok, new, old)
-                for new, old in zip(buffers, state.buffers.values(), strict=True)
-            ]
-        return GradOut(
-            grads_dict(zip(state.params.keys(), grads, strict=True)),
-            metrics["weight"],
-            metrics,
-            dict(zip(state.buffers.keys(), buffers, strict=True)),
-            out.carry,
-        )
-
-    def _traced_gradient(
-        self, params: list[Tensor], buffers: list[Tensor], batch: Any, carry: Any
-    ) -> tuple[Sequence[Tensor], LossOutput]:
-        """The gradient as the compiler traces it: ``torch.func.grad_and_value`` (fresh leaves
-        made with ``requires_grad_`` cannot be traced). The buffers go in as inputs of the
-        transformed function, so a module may update them in place (BatchNorm)."""
-
-        def loss_of(params: list[Tensor], buffers: list[Tensor]) -> tuple[Tensor, Any]:
-            out = self._run_loss(params, buffers, batch, carry)
-            # The transform's outputs must be tensors: () stands for None.
-            weight = () if out.weight is None else torch.as_tensor(out.weight)
-            new_carry = () if out.carry is None else out.carry
-            return out.loss.reshape(()), (dict(out.metrics or {}), new_carry, weight, out.loss)
-
-        grads, (_, (metrics, new_carry, weight, loss)) = torch.func.grad_and_value(
-            loss_of, has_aux=True
-        )(params, buffers)
-        return grads, LossOutput(loss, metrics, _none_if_empty(new_carry), _none_if_empty(weight))
-
-    def evaluate(self, state: TrainState, batch: Any) -> Metrics:
-        """The loss metrics of one batch in eval mode, without gradients (as tensors).
-
-        Under ``tbptt_split`` the batch runs chunk by chunk with the carry, as in training, and
-        the metrics are averaged over the chunks by weight. Never changes ``state``.
-        """
-        if self.model.training:
-            self.model.eval()
-        try:
-            with torch.no_grad():
-                buffers = [b.clone() for b in state.buffers.values()]
-                params = list(state.params.values())
-                if self.split is None:
-                    return self._metrics(self._run_loss(params, buffers, batch, NO_CARRY), batch)
-                carry: Any = None
-                parts = []
-                for chunk in self.split.split(batch):
-                    out = self._run_loss(params, buffers, chunk, carry)
-                    carry = out.carry
-                    parts.append(self._metrics(out, chunk))
-                return weighted_mean(parts)
-        finally:
-            self.model.train()
-
-    def _optimizer_apply(self, state: TrainState, grads: Params, weight: Tensor) -> TrainState:
-        if self.donate and self.opt.update_ is not None:
-            params, opt_state = self.opt.update_(grads, state.opt_state, state.params)
-        else:
-            params, opt_state = self.opt.update(grads, state.opt_state, state.params)
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
-
-    def micro(
-        self, state: TrainState, batch: Any, carry: Any = NO_CARRY
-    ) -> tuple[TrainState, GradOut]:
-        """One micro-batch: gradient, then the gradient stages and the optimizer."""
-        out = self.gradient(state, batch, carry)
-        state = state._replace(buffers=out.buffers, metrics={**state.metrics, **out.metrics})
-        return self.apply(state, out.grads, out.weight), out
-
-    def flush(self, state: TrainState) -> TrainState:
-        """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
-        state = self.init(state)
-        for stage, inner in zip(self.stages, self._inners, strict=True):
-            if stage.flush is not None:
-                state = stage.flush(state, inner)
-        return state
-
-    # -- the call --------------------------------------------------------------------------
-    def __call__(self, state: TrainState, batch: Any) -> TrainState:
-        return self.call_with(self._run, state, batch)
-
-    def call_with(
-        self,
-        run: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
-        state: TrainState,
-        batch: Any,
-        narrow: Callable[[TrainState], TrainState] | None = None,
-        consumed: bool = False,
-    ) -> TrainState:
-        """The call around the computation ``run(state, batch) -> (state, loss metrics)``: add
-        the slots, scope the random generators, merge the metrics, check the structure and run the
-        stages' host-side checks. ``narrow`` trims the state handed to ``run`` (a compiled run
-        takes only the metrics a transformer reads back). ``consumed`` says ``run`` invalidates
-        its input's tensors (CUDA-graph replays overwrite them), so the structure is checked
-        against shapes and dtypes recorded before the first run instead."""
-        if not isinstance(state, TrainState):
-            v.fail(
-                "step", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
-            )
-        start = self.init(state)
-        inputs = start if narrow is None else narrow(start)
-        if consumed and self._reference is None:
-            self._reference = shapes_only(without_metrics(start))
-        if RNG in start.slots:
-            with rng_scope(start.slots[RNG], start.step.device) as rng:
-                new, metrics = run(inputs, batch)
-            new = new._replace(slots={**new.slots, RNG: rng.value})
-        else:
-            new, metrics = run(inputs, batch)
-        new = new._replace(metrics={**start.metrics, **new.metrics, **metrics})
-        self._check(start, new, self._reference if consumed else None)
-        self.after(new)
-        return new
-
-    def _run(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.split is None:
-            new, out = self.micro(state, batch)
-            return new, out.metrics
-        return self._run_chunks(state, batch)
-
-    def after(self, state: TrainState) -> None:
-        """Run the host-side checks of the stages (see :class:`Stage`)."""
-        for stage in self.stages:
-            if stage.after is not None:
-                stage.after(state)
-
-    def _run_chunks(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        assert self.split is not None
-        carry: Any = None
-        parts = []
-        for chunk in self.split.split(batch):
-            state, out = self.micro(state, chunk, carry)
-            carry = detach(out.carry)
-            parts.append(out.metrics)
-        return state, weighted_mean(parts)
-
-    def _check(self, before: TrainState, after: TrainState, reference: Any = None) -> None:
-        """Check that ``after`` has the structure, shapes and dtypes of ``before``.
-
-        The full check (every leaf) runs once for each way a call can go: keyed by the metric
-        names, the slot names, the number of params, and whether an update was applied
-        (``state.step`` replaced) or held back (an accumulation window still open, a skipped
-        step). A path that runs only on some calls is checked the first time it runs; later
-        calls along a checked path cost a few attribute reads.
-        """
-        key = (
-            tuple(after.metrics),
-            tuple(after.slots),
-            len(after.params),
-            len(after.buffers),
-            after.step is before.step,
-        )
-        if key in self._checked:
-            return
-        fresh = "loss" not in before.metrics
-        if reference is None:
-            bad = structure_difference(without_metrics(before), without_metrics(after))
-        else:
-            bad = structure_difference(reference, shapes_only(without_metrics(after)))
-        if bad is None and not fresh and set(before.metrics) != set(after.metrics):
-            bad = f"state.metrics keys changed from {sorted(before.metrics)} to {sorted(after.metrics)}"
-        if bad is None:
-            for name, value in after.metrics.items():
-                if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                    bad = f"state.metrics[{name!r}] must be a one-element tensor, got {describe(value)}"
-                    break
-        if bad is not None:
-            raise ValueError(f"{self!r}: {bad}. {STRUCTURE_HELP}")
-        self._checked.add(key)
+def _metric_dtype(value: Tensor) -> torch.dtype:
+    return value.dtype if value.is_floating_point() else torch.float32
 
 
 def weighted_mean(parts: Sequence[Metrics]) -> Metrics:
@@ -523,6 +249,452 @@ def weighted_mean(parts: Sequence[Metrics]) -> Metrics:
     return out
 
 
+def branch(
+    pred: bool | Tensor,
+    if_true: ApplyFn,
+    if_false: ApplyFn,
+    state: TrainState,
+    micro: Micro,
+) -> TrainState:
+    """``if_true(state, micro) if pred else if_false(state, micro)``, for a stage.
+
+    A Python ``bool`` runs one branch. A 0-d bool tensor runs both and selects leaf by leaf
+    with ``torch.where``: no host read, so it works eagerly, compiled, in a CUDA graph and
+    under ``vmap``. Both branches must return the same structure; they see ``inplace=False``,
+    since writing into the state would spoil the branch not taken.
+    """
+    if isinstance(pred, bool):
+        return if_true(state, micro) if pred else if_false(state, micro)
+    pure = micro._replace(inplace=False)
+    return select(pred, if_true(state, pure), if_false(state, pure))
+
+
+class Step:
+    """A pure training step, ``(state, batch) -> state``; build one with :func:`train_step`.
+
+    Calling it never changes any tensor of the state it receives (unless the step was made with
+    :func:`donate`) and returns a state with the same structure, shapes and dtypes. Transformers
+    return new steps; a step is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Any],
+        opt: Optimizer,
+        *,
+        weight: Callable[[Any], Any] | None = None,
+        stages: tuple[Stage, ...] = (),
+        split: Split | None = None,
+        donate: bool = False,
+        ensemble: Any = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.opt = opt
+        self.weight = weight
+        self.stages = stages
+        self.split = split
+        self.donate = donate
+        self.ensemble = ensemble
+        self.window = max((s.window for s in stages), default=1)
+        self._swapper = Swapper(model)
+        self._param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        # Whether the loss draws random numbers: learned on the first call, which runs under
+        # the keyed generator; a loss that draws nothing then runs without that layer.
+        self._draws: bool | None = None
+        # Each stage's apply wraps the applies of the stages after it; keep, per stage, what it
+        # hands the gradient to (flush needs it) and the outermost apply.
+        apply: ApplyFn = self._optimizer_apply
+        inners: list[ApplyFn] = []
+        for stage in reversed(stages):
+            inners.append(apply)
+            apply = stage.wrap(apply)
+        self._inners: list[ApplyFn] = inners[::-1]
+        self.apply: ApplyFn = apply
+        self._known: Any = None  # the last state signature checked and found good
+        self._reference: Any = None  # that state's shapes and dtypes, on the meta device
+
+    # -- construction ----------------------------------------------------------------------
+    def replace(self, **changes: Any) -> Step:
+        """A new step with some of ``stages``, ``split``, ``donate``, ``ensemble`` replaced."""
+        fields = {
+            "weight": self.weight,
+            "stages": self.stages,
+            "split": self.split,
+            "donate": self.donate,
+            "ensemble": self.ensemble,
+        }
+        fields.update(changes)
+        return Step(self.model, self.loss_fn, self.opt, **fields)
+
+    def __repr__(self) -> str:
+        parts = ([self.split.name] if self.split else []) + [s.name for s in self.stages]
+        loss = getattr(self.loss_fn, "__name__", "loss_fn")
+        inner = f"train_step({type(self.model).__name__}, {loss})"
+        if self.donate:
+            inner = f"donate({inner})"
+        text = f"chain({', '.join(parts)})({inner})" if parts else inner
+        return text if self.ensemble is None else f"vmap({text}{self.ensemble!r})"
+
+    # -- the structure ---------------------------------------------------------------------
+    def _complete(self, state: TrainState) -> bool:
+        return "loss" in state.metrics and RNG in state.slots
+
+    def init(self, state: TrainState, batch: Any = NO_CARRY) -> TrainState:
+        """The state with every slot, counter and metric this step will write, where missing.
+
+        The loss's metric names, shapes and dtypes come from one forward pass on ``batch`` (no
+        gradient, the state left as it was), so a state without them (or without a slot a
+        transformer needs) takes an example batch. Idempotent: a complete state comes back as
+        it is.
+        """
+        _check_state("step.init", state)
+        loss: Metrics | None = None
+        if "loss" not in state.metrics or any(
+            s.slot is not None and s.init is not None and s.slot not in state.slots
+            for s in self.stages
+        ):
+            if batch is NO_CARRY:
+                raise ValueError(INIT_NEEDS_BATCH)
+            loss = self._probe(state, batch)
+            state = state._replace(metrics={**loss, **state.metrics})
+        if RNG not in state.slots:
+            state = state._replace(
+                slots={**state.slots, RNG: _random.new_key(None, state.step.device)}
+            )
+        hyper = self.opt.hyperparams
+        lift = self.ensemble.lift_state if self.ensemble is not None else _call
+        if hyper is not None:
+            values = lift(hyper, state.opt_state)
+            if not all(k in state.metrics for k in values):
+                state = state._replace(metrics={**state.metrics, **values})
+        for stage in self.stages:
+            if stage.init is not None:
+                state = lift(stage.init, state, loss)
+        return state
+
+    def _probe(self, state: TrainState, batch: Any) -> Metrics:
+        """The loss-side metrics (NaN, with their final dtypes) learned from one forward pass."""
+        chunk = self.split.split(batch)[0] if self.split is not None else batch
+        carry = None if self.split is not None else NO_CARRY
+        if self.ensemble is not None:
+            metrics = self.ensemble.probe(self, state, chunk, carry)
+        else:
+            key = state.slots.get(RNG, torch.zeros(2, dtype=torch.int64, device=state.step.device))
+            with torch.no_grad():
+                out, _, _ = self._loss(state, key, chunk, carry, differentiate=False)
+                metrics = self._metrics(out, chunk)
+        weight = metrics.pop("weight")
+        return {k: torch.full_like(m, float("nan")) for k, m in metrics.items()} | {
+            "weight": torch.zeros_like(weight)
+        }
+
+    def check_structure(self, state: TrainState, func: str = "step") -> None:
+        """Raise, naming the path, if ``state`` does not fit this step: its params must have the
+        model's names and shapes, and its structure, shapes and dtypes those of the states this
+        step has seen. Costs one flatten of the state (no device access)."""
+        _check_state(func, state)
+        signature = _signature(state)
+        if signature == self._known:
+            return
+        lead = 1 if self.ensemble is not None else 0
+        for name, shape in self._param_shapes.items():
+            p = state.params.get(name)
+            if p is None or tuple(p.shape[lead:]) != shape:
+                got = "missing" if p is None else describe(p)
+                raise ValueError(
+                    f"{func}(state=...): state.params[{name!r}] must have the model's shape "
+                    f"{shape}, got {got}. Was this state made by ll.init for another model?"
+                )
+        if len(state.params) != len(self._param_shapes):
+            extra = sorted(set(state.params) - set(self._param_shapes))
+            raise ValueError(
+                f"{func}(state=...): state.params has entries the model does not: {extra}. Was "
+                "this state made by ll.init for another model?"
+            )
+        if self._known is not None and signature[0] == self._known[0]:
+            # Same containers; a leaf changed shape or dtype.
+            raise ValueError(f"{func}(state=...): {_leaf_difference(self._reference, state)}. {STRUCTURE_HELP}")
+        self._known = signature
+        self._reference = shapes_only(state)
+
+    def check_output(self, before: TrainState, after: TrainState) -> None:
+        """Raise, naming the path, when ``after`` differs from ``before`` in structure."""
+        if _signature(after) == _signature(before):
+            return
+        bad = structure_difference(before, after)
+        raise ValueError(f"{self!r}: {bad}. {STRUCTURE_HELP}")
+
+    # -- the pieces ------------------------------------------------------------------------
+    def _randomness(self, key: Tensor) -> Any:
+        if self._draws is False:
+            return contextlib.nullcontext()
+        return _random.keyed(key)
+
+    def _loss(
+        self, state: TrainState, key: Tensor, batch: Any, carry: Any, *, differentiate: bool
+    ) -> tuple[LossOutput, Any, list[Tensor]]:
+        """Run the loss on the state's params and buffers; with ``differentiate``, also its
+        gradient. Returns the loss output, the gradients and the buffers as the module left
+        them."""
+        params = list(state.params.values())
+        buffers = list(state.buffers.values())
+        if differentiate:
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            return self.forward(leaves, buffers, key, batch, carry, grad=True, wrt=leaves)
+        return self.forward(params, buffers, key, batch, carry, grad=False)
+
+    def forward(
+        self,
+        params: list[Tensor],
+        buffers: list[Tensor],
+        key: Tensor,
+        batch: Any,
+        carry: Any,
+        *,
+        grad: bool,
+        wrt: list[Tensor] | None = None,
+    ) -> tuple[LossOutput, Any, list[Tensor]]:
+        """The loss with ``params`` and (copies of) ``buffers`` swapped into the module, random
+        numbers keyed by ``key``, autograd recording when ``grad``. With ``wrt``, also the
+        gradient with respect to those tensors, taken while they are still in the module (so a
+        checkpointed block recomputes on them). Returns ``(loss output, grads, buffers)``."""
+        buffers = [b.clone() for b in buffers]
+        if not self.model.training:
+            self.model.train()
+
+        def run() -> tuple[LossOutput, Any]:
+            with self._randomness(key) as mode, torch.set_grad_enabled(grad):
+                out = _as_loss_output(call_loss(self.loss_fn, self.model, batch, carry))
+            if mode is not None and self._draws is None:
+                self._draws = mode.draws > 0
+            if wrt is None:
+                return out, None
+            if not out.loss.requires_grad:
+                v.fail(
+                    "train_step",
+                    "loss_fn",
+                    "must return a loss computed from the model's parameters (it has no "
+                    "gradient: was it detached, or computed under torch.no_grad?)",
+                    out.loss,
+                )
+            return out, torch.autograd.grad(out.loss, wrt, allow_unused=True, materialize_grads=True)
+
+        (out, grads), buffers = self._swapper.call(params, buffers, run)
+        return out, grads, buffers
+
+    def _metrics(self, out: LossOutput, batch: Any) -> Metrics:
+        if out.weight is not None:
+            weight = torch.as_tensor(out.weight, dtype=torch.float32).detach()
+        elif self.weight is not None:
+            weight = torch.as_tensor(self.weight(batch), dtype=torch.float32)
+        else:
+            weight = _weight_tensor(sample_count(batch), out.loss.device)
+        loss = out.loss.detach().reshape(())
+        metrics = {"loss": loss}
+        for key, value in (out.metrics or {}).items():
+            if key in ("loss", "weight"):
+                v.fail(
+                    "train_step",
+                    "loss_fn",
+                    "must not return a metric named 'loss' or 'weight' (looplib reports those)",
+                    key,
+                )
+            value = torch.as_tensor(value).detach()
+            if value.numel() != 1:
+                v.fail(
+                    "train_step",
+                    "loss_fn",
+                    f"must return one-element metrics; metric {key!r} is not",
+                    value,
+                )
+            metrics[key] = value.reshape(()).to(_metric_dtype(value))
+        metrics["weight"] = weight.to(loss.device)
+        return metrics
+
+    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
+        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
+        if self.ensemble is not None:
+            return self.ensemble.gradient(self, state, batch, carry)
+        out, grads, buffers = self._loss(state, state.slots[RNG], batch, carry, differentiate=True)
+        metrics = self._metrics(out, batch)
+        weight = metrics.pop("weight")
+        old = list(state.buffers.values())
+        if buffers:
+            # A micro-batch whose loss is not finite leaves the buffers as they were, so one bad
+            # batch cannot poison BatchNorm's running statistics (a select, no host sync).
+            ok = torch.isfinite(metrics["loss"])
+            buffers = [torch.where(ok, new, b) for new, b in zip(buffers, old, strict=True)]
+        return GradOut(
+            dict(zip(state.params.keys(), grads, strict=True)),
+            weight,
+            metrics,
+            dict(zip(state.buffers.keys(), buffers, strict=True)),
+            out.carry,
+        )
+
+    def apply_micro(self, state: TrainState, micro: Micro) -> TrainState:
+        """The gradient stages and the optimizer (each ensemble member on its own under
+        :func:`looplib.vmap`)."""
+        if self.ensemble is not None:
+            return self.ensemble.lift(self.apply, state, micro)
+        return self.apply(state, micro)
+
+    def _optimizer_apply(self, state: TrainState, micro: Micro) -> TrainState:
+        if micro.inplace and self.opt.update_ is not None:
+            params, opt_state = self.opt.update_(micro.grads, state.opt_state, state.params)
+        else:
+            params, opt_state = self.opt.update(micro.grads, state.opt_state, state.params)
+        metrics = {**state.metrics, **micro.metrics, "weight": micro.weight}
+        if self.opt.hyperparams is not None:
+            metrics.update(self.opt.hyperparams(opt_state))
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1, metrics=metrics)
+
+    def evaluate(self, state: TrainState, batch: Any) -> Metrics:
+        """The loss metrics of one batch in eval mode, without gradients (as tensors).
+
+        Under ``tbptt_split`` the batch runs chunk by chunk with the carry, as in training, and
+        the metrics are averaged over the chunks by weight. Never changes ``state``.
+        """
+        if self.ensemble is not None:
+            return self.ensemble.evaluate(self, state, batch)
+        key = state.slots.get(RNG, torch.zeros(2, dtype=torch.int64, device=state.step.device))
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.split is None:
+                    out, _, _ = self._loss(state, key, batch, NO_CARRY, differentiate=False)
+                    return self._metrics(out, batch)
+                carry: Any = None
+                parts = []
+                for chunk in self.split.split(batch):
+                    out, _, _ = self._loss(state, key, chunk, carry, differentiate=False)
+                    carry = out.carry
+                    parts.append(self._metrics(out, chunk))
+                return weighted_mean(parts)
+        finally:
+            self.model.train()
+
+    # -- running ---------------------------------------------------------------------------
+    def chunks(self, batch: Any) -> Sequence[Any]:
+        """The micro-batches of one batch: its time chunks under ``tbptt_split``, else itself."""
+        return (batch,) if self.split is None else self.split.split(batch)
+
+    def run(
+        self,
+        state: TrainState,
+        batches: Sequence[Any],
+        start: int | None = None,
+        donate: bool = False,
+    ) -> TrainState:
+        """Run ``batches`` in order, every micro-batch through gradient, stages and optimizer.
+
+        ``start`` is the number of micro-batches the state's accumulation window already holds,
+        when the caller knows it (then the window's closing is decided in Python); ``None`` reads
+        it from the state's tensors. ``donate`` lets the optimizer write into ``state`` (the
+        caller will not use it again). The state must be complete (see :meth:`init`).
+        """
+        position = start
+        inplace = self.donate or donate
+        for batch in batches:
+            carry = NO_CARRY if self.split is None else None
+            for chunk in self.chunks(batch):
+                out = self.gradient(state, chunk, carry)
+                slots = {**state.slots, RNG: _random.advance(state.slots[RNG])}
+                state = state._replace(buffers=out.buffers, slots=slots)
+                micro = Micro(out.grads, out.weight, out.metrics, position, inplace)
+                state = self.apply_micro(state, micro)
+                if position is not None:
+                    position = (position + 1) % self.window
+                carry = detach(out.carry)
+        return state
+
+    def __call__(self, state: TrainState, batch: Any) -> TrainState:
+        state = self.init(state, batch)
+        self.check_structure(state)
+        new = self.run(state, (batch,))
+        self.check_output(state, new)
+        return new
+
+    def position(self, state: TrainState) -> int:
+        """How many micro-batches the state's accumulation window holds (one host read, only
+        when the step accumulates)."""
+        for stage in self.stages:
+            if stage.window > 1 and stage.slot in state.slots:
+                # Ensemble members move in step: the first member's count is everyone's.
+                return int(state.slots[stage.slot].count.reshape(-1)[0])
+        return 0
+
+    def groups(self, batches: Iterable[Any], position: int) -> Iterator[tuple[list[Any], int]]:
+        """Cut a stream of batches into calls of :meth:`run`: whole accumulation windows (or
+        one batch at a time under ``tbptt_split``), each with its start position."""
+        if self.window == 1:
+            for batch in batches:
+                yield [batch], 0
+            return
+        if self.split is not None:
+            for batch in batches:
+                yield [batch], position
+                position = (position + len(self.chunks(batch))) % self.window
+            return
+        group: list[Any] = []
+        first = position
+        for batch in batches:
+            group.append(batch)
+            position += 1
+            if position == self.window:
+                yield group, first
+                group, first, position = [], 0, 0
+        if group:
+            yield group, first
+
+    def flush(self, state: TrainState) -> TrainState:
+        """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
+        for stage, inner in zip(self.stages, self._inners, strict=True):
+            if stage.flush is not None:
+                flush = functools.partial(stage.flush, inner=inner)
+                if self.ensemble is not None:
+                    state = self.ensemble.lift_state(flush, state)
+                else:
+                    state = flush(state)
+        return state
+
+    def check(self, state: TrainState) -> None:
+        """Run the stages' host-side checks (``skip_nonfinite``'s limit): one host read each."""
+        for stage in self.stages:
+            if stage.check is not None:
+                stage.check(state)
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_tensor(count: int, device: torch.device) -> Tensor:
+    """One shared 0-d tensor per sample count and device: building a tensor costs more than
+    the rest of the bookkeeping of a small step, and nothing ever writes into these."""
+    return torch.tensor(float(count), device=device)
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _check_state(func: str, state: Any) -> None:
+    if not isinstance(state, TrainState):
+        v.fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+
+
+def _signature(state: TrainState) -> tuple[Any, tuple[Any, ...]]:
+    leaves, spec = optree.tree_flatten(state, none_is_leaf=True)
+    return spec, tuple(
+        (x.shape, x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves
+    )
+
+
+def _leaf_difference(reference: Any, state: TrainState) -> str:
+    bad = structure_difference(reference, shapes_only(state))
+    return bad if bad is not None else "the state changed"
+
+
 def donate(step: Step) -> Step:
     """The same step, consuming its input state: the optimizer writes the new params and
     optimizer state into the input's tensors instead of new ones.
@@ -532,13 +704,14 @@ def donate(step: Step) -> Step:
     batch)`` keeps that promise; keeping old states around does not). In exchange an update
     allocates no parameter-sized memory beyond the optimizer's temporaries, so peak memory is
     close to a hand-written loop's. Results are bit for bit those of the pure step. Optimizers
-    without an in-place form (``update_``) update out of place as usual.
+    without an in-place form (``update_``) update out of place as usual. ``fold`` and ``fit``
+    donate the states they make themselves, never the one passed in.
 
     Example:
         >>> import looplib as ll
         >>> model, opt = torch.nn.Linear(2, 1), ll.optim.sgd(lr=0.1)
         >>> step = ll.donate(ll.train_step(model, lambda m, b: m(b).pow(2).mean(), opt))
-        >>> state = ll.init(model, opt)
+        >>> state = step(ll.init(model, opt), torch.ones(4, 2))
         >>> weight = state.params["weight"]
         >>> state = step(state, torch.ones(4, 2))
         >>> state.params["weight"] is weight     # updated in place
@@ -553,20 +726,20 @@ def init(model: nn.Module, opt: Optimizer, *, seed: int | None = None) -> TrainS
     """Build the initial :class:`TrainState` for ``model`` trained by ``opt``.
 
     The state holds copies of the module's parameters and buffers (the module itself is left
-    untouched and serves as a template), the optimizer's fresh state, ``step = 0`` and empty
-    ``metrics`` and ``slots``.
+    untouched and serves as a template), the optimizer's fresh state, ``step = 0``, empty
+    ``metrics`` and, in ``slots["rng"]``, the key of the random numbers the step draws (dropout):
+    ``[seed, 0]``, the seed drawn from torch's global generator when none is given. Randomness
+    is part of the state: the same state and batch always give the same next state, and a saved
+    state resumes with the same dropout masks.
 
-    With a ``seed``, the random numbers the step draws (dropout) come from generator states kept
-    in ``state.slots["rng"]`` instead of torch's global generator: the step sets the global
-    generator from the state, runs, stores the advanced generator state in the new state and
-    restores the caller's. Randomness is then part of the state, so a saved state resumes with the
-    same dropout masks, and a step on the same state and batch always gives the same result.
+    The step completes the structure on first use (:meth:`Step.init`): every slot and metric a
+    chain will write exists before its first update.
 
     Example:
         >>> import looplib as ll
-        >>> state = ll.init(torch.nn.Linear(2, 1), ll.optim.sgd(lr=0.1))
-        >>> sorted(state.params), int(state.step)
-        (['bias', 'weight'], 0)
+        >>> state = ll.init(torch.nn.Linear(2, 1), ll.optim.sgd(lr=0.1), seed=0)
+        >>> sorted(state.params), int(state.step), state.slots["rng"].tolist()
+        (['bias', 'weight'], 0, [0, 0])
     """
     if not isinstance(model, nn.Module):
         v.fail("init", "model", "must be a torch.nn.Module", model, exc=TypeError)
@@ -580,6 +753,8 @@ def init(model: nn.Module, opt: Optimizer, *, seed: int | None = None) -> TrainS
         )
     if seed is not None:
         seed = v.nonnegative_int("init", "seed", seed)
+        if seed >= 2**63:
+            v.fail("init", "seed", "must be a non-negative int below 2**63", seed)
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     device = next(iter(params.values())).device if params else torch.device("cpu")
@@ -589,7 +764,7 @@ def init(model: nn.Module, opt: Optimizer, *, seed: int | None = None) -> TrainS
         opt_state=opt.init(params),
         step=torch.zeros((), dtype=torch.int64, device=device),
         metrics={},
-        slots={} if seed is None else {RNG: rng_slot(seed, device)},
+        slots={RNG: _random.new_key(seed, device)},
     )
 
 
@@ -602,10 +777,10 @@ def train_step(
 ) -> Step:
     """The base pure step: compute the loss's gradient and apply one optimizer update.
 
-    ``loss_fn(model, batch)`` runs with ``model`` reading the state's params and buffers (through
-    ``torch.func.functional_call``; the module is in train mode) and returns the loss, or
-    ``(loss, metrics)``, or a :class:`LossOutput`. Under :func:`tbptt_split` it is called as
-    ``loss_fn(model, batch, carry)`` and returns ``(loss, metrics, carry)``.
+    ``loss_fn(model, batch)`` runs with ``model`` reading the state's params and buffers (the
+    module is in train mode) and returns the loss, or ``(loss, metrics)``, or a
+    :class:`LossOutput`. Under :func:`tbptt_split` it is called as ``loss_fn(model, batch,
+    carry)`` and returns ``(loss, metrics, carry)``.
 
     In plain Python, the step is::
 

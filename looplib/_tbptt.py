@@ -85,8 +85,10 @@ def tbptt_split(
     returns ``(loss, metrics, carry)`` (or ``LossOutput(..., carry=...)``). The carry starts as
     ``None`` at every batch and is detached between chunks, so gradients stop at chunk borders.
     Without ``accumulate`` each chunk is one optimizer update; inside
-    ``chain(tbptt_split(k), accumulate(K))`` each chunk is one of the K micro-batches.
-    ``state.metrics`` then holds the batch's loss metrics averaged over its chunks by weight.
+    ``chain(tbptt_split(k), accumulate(K))`` each chunk is one of the K micro-batches. As
+    everywhere, ``state.metrics`` describe the last update: its chunk's loss metrics, or the
+    weighted mean over the chunks of its accumulation window (``fit``'s history averages over
+    the whole epoch).
 
     Args:
         steps: time steps per chunk, a positive int.

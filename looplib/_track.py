@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
-
 import torch
 
 from . import _validate as v
-from ._step import ApplyFn, Stage
+from ._step import ApplyFn, Micro, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import norm_name, norms_of, promote_dtype
-from ._types import Params, Tensor, TrainState
+from ._types import Metrics, TrainState
 
 
-def norm_keys(p: float, names: Iterable[str], per_param: bool = True) -> tuple[str, ...]:
+def norm_keys(p: float, names: tuple[str, ...], per_param: bool = True) -> tuple[str, ...]:
     """The metric names ``track_norm(p)`` writes: per parameter, then the total."""
-    if torch.compiler.is_compiling():  # traced once anyway; the compiler warns on caches
-        return _build_keys(p, tuple(names), per_param)
-    return _cached_keys(p, tuple(names), per_param)
-
-
-def _build_keys(p: float, names: tuple[str, ...], per_param: bool) -> tuple[str, ...]:
     tag = norm_name(p)
     keys = tuple(f"grad_{tag}_norm/{name}" for name in names) if per_param else ()
     return (*keys, f"grad_{tag}_norm_total")
-
-
-# Built once per model: an eager step asks for them on every call.
-_cached_keys = functools.lru_cache(maxsize=64)(_build_keys)
 
 
 def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Transformer:
@@ -57,9 +44,15 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
     if not isinstance(per_param, bool):
         v.fail("track_norm", "per_param", "must be a bool", per_param, exc=TypeError)
     name = f"track_norm({p!r}" + ("" if per_param else ", per_param=False") + ")"
+    known: dict[tuple[str, ...], tuple[str, ...]] = {}  # names -> keys, built once per model
 
-    def init(state: TrainState) -> TrainState:
-        keys = norm_keys(p, state.params, per_param)
+    def keys_for(names: tuple[str, ...]) -> tuple[str, ...]:
+        if names not in known:
+            known[names] = norm_keys(p, names, per_param)
+        return known[names]
+
+    def init(state: TrainState, loss: Metrics | None) -> TrainState:
+        keys = keys_for(tuple(state.params))
         if all(k in state.metrics for k in keys):
             return state
         dtype = promote_dtype(state.params)
@@ -73,12 +66,13 @@ def track_norm(norm_type: float | str = 2.0, *, per_param: bool = True) -> Trans
         return state._replace(metrics={**state.metrics, **missing})
 
     def wrap(inner: ApplyFn) -> ApplyFn:
-        def apply(state: TrainState, grads: Params, weight: Tensor) -> TrainState:
-            each, total = norms_of(grads, p)
-            keys = norm_keys(p, grads, per_param)
+        def apply(state: TrainState, micro: Micro) -> TrainState:
+            memo = dict(micro.norms or {})
+            each, total = norms_of(micro.grads, p, memo)
+            keys = keys_for(tuple(micro.grads))
             values = [*each, total] if per_param else [total]
             metrics = {**state.metrics, **dict(zip(keys, values, strict=True))}
-            return inner(state._replace(metrics=metrics), grads, weight)
+            return inner(state._replace(metrics=metrics), micro._replace(norms=memo))
 
         return apply
 

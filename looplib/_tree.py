@@ -9,6 +9,7 @@ from typing import Any
 import optree
 import torch
 
+from . import _ops
 from ._types import Params, Tensor, TrainState
 
 
@@ -30,13 +31,6 @@ def detach(tree: Any) -> Any:
     )
 
 
-def norms(grads: list[Tensor], p: float) -> list[Tensor]:
-    """The p-norm of each tensor, as a list of 0-d tensors."""
-    if not grads:
-        return []
-    return list(torch._foreach_norm(grads, p))
-
-
 def total_norm(per_tensor: list[Tensor], p: float) -> Tensor:
     """The p-norm of all tensors together, given the norm of each, computed as
     ``torch.nn.utils.get_total_norm`` does (so the two agree bit for bit)."""
@@ -53,30 +47,15 @@ def norm_name(p: float) -> str:
     return "inf" if math.isinf(p) else str(float(p))
 
 
-class Grads(dict[str, Tensor]):
-    """A gradient dict that remembers its norms, so ``track_norm`` and ``clip`` standing side by
-    side in a chain compute them once. A stage that changes the gradient returns a new dict
-    (a plain one, or a fresh ``Grads``), so a remembered norm always belongs to these values."""
-
-    __slots__ = ("memo",)
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.memo: dict[float, tuple[list[Tensor], Tensor]] = {}
-
-
-def grads_dict(pairs: Any) -> Params:
-    """A :class:`Grads` in eager code; a plain dict under the compiler, which dedups the norms
-    by itself (and some releases cannot build a dict subclass inside a graph)."""
-    return dict(pairs) if torch.compiler.is_compiling() else Grads(pairs)
-
-
-def norms_of(grads: Params, p: float) -> tuple[list[Tensor], Tensor]:
-    """The p-norm of each gradient and of all together, computed once per :class:`Grads`."""
-    memo = grads.memo if isinstance(grads, Grads) else None
+def norms_of(
+    grads: Params, p: float, memo: dict[float, tuple[list[Tensor], Tensor]] | None = None
+) -> tuple[list[Tensor], Tensor]:
+    """The p-norm of each gradient and of all together. ``memo`` holds norms already computed
+    for exactly these gradients (``Micro.norms``), so ``track_norm`` and ``clip`` side by side
+    compute them once; a new result is added to it."""
     if memo is not None and p in memo:
         return memo[p]
-    each = norms(list(grads.values()), p)
+    each = _ops.norms(list(grads.values()), p) if grads else []
     result = (each, total_norm(each, p))
     if memo is not None:
         memo[p] = result

@@ -16,6 +16,7 @@ import looplib as ll
 
 PUBLIC = [
     "AccumulateState",
+    "CompileError",
     "CompiledStep",
     "FitResult",
     "LossOutput",
@@ -61,10 +62,13 @@ PUBLIC = [
     "shard",
     "skip_nonfinite",
     "split_time",
+    "stack",
     "stop_reason",
     "tbptt_split",
     "track_norm",
     "train_step",
+    "unstack",
+    "vmap",
     "world",
     "__version__",
 ]
@@ -82,6 +86,8 @@ CORE_MODULES = [
     "looplib._types",
     "looplib._validate",
     "looplib.schedules",
+    "looplib._vmap",
+    "looplib._random",
 ]
 
 
