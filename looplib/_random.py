@@ -23,7 +23,6 @@ uses the global generator.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -48,13 +47,13 @@ def new_key(seed: int | None, device: torch.device) -> Tensor:
 
 def advance(key: Tensor) -> Tensor:
     """The key of the next micro-batch: the counter plus one."""
-    return key + _one(key.device)
+    one = _ONES.get(key.device)
+    if one is None:  # built once per device: nothing ever writes into it
+        one = _ONES[key.device] = torch.tensor([0, 1], dtype=torch.int64, device=key.device)
+    return key + one
 
 
-@functools.lru_cache(maxsize=16)
-def _one(device: torch.device) -> Tensor:
-    """``[0, 1]`` on ``device``, built once: nothing ever writes into it."""
-    return torch.tensor([0, 1], dtype=torch.int64, device=device)
+_ONES: dict[torch.device, Tensor] = {}
 
 
 def _h(x: Tensor) -> Tensor:
@@ -159,6 +158,7 @@ CHECKPOINTED = (
 )
 
 
+@torch._dynamo.assume_constant_result  # a fact of the trace: the compiler bakes it in
 def _in_checkpoint() -> bool:
     """Whether a non-reentrant ``torch.utils.checkpoint`` block is being recorded now."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)

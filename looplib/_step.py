@@ -667,11 +667,18 @@ class Step:
                 stage.check(state)
 
 
-@functools.lru_cache(maxsize=256)
 def _weight_tensor(count: int, device: torch.device) -> Tensor:
     """One shared 0-d tensor per sample count and device: building a tensor costs more than
     the rest of the bookkeeping of a small step, and nothing ever writes into these."""
-    return torch.tensor(float(count), device=device)
+    weight = _WEIGHTS.get((count, device))
+    if weight is None:
+        if len(_WEIGHTS) > 1024:
+            _WEIGHTS.clear()
+        weight = _WEIGHTS[count, device] = torch.tensor(float(count), device=device)
+    return weight
+
+
+_WEIGHTS: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:

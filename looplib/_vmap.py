@@ -155,8 +155,9 @@ class Ensemble(NamedTuple):
         )
 
     def lift_state(self, fn: Callable[..., Any], state: Any, *args: Any) -> Any:
-        """``fn(state, *args)`` for every member."""
-        return torch.func.vmap(fn, randomness="error")(state, *args)
+        """``fn(state, *args)`` for every member (arguments that are None stay None)."""
+        in_dims = (0, *(None if a is None else 0 for a in args))
+        return torch.func.vmap(fn, in_dims=in_dims, randomness="error")(state, *args)
 
     def probe(self, step: Step, state: TrainState, batch: Any, carry: Any) -> Metrics:
         with torch.no_grad():
