@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -35,11 +37,32 @@ class CompileError(RuntimeError):
     """Raised at the first call of a compiled step the compiler cannot capture."""
 
 
-def _autograd_in_graph() -> contextlib.AbstractContextManager[Any]:
-    """Let the compiler put ``torch.autograd.grad`` in the graph (torch >= 2.11)."""
+RECOMPILE_LIMIT = 64
+"""Graphs one compiled step may hold: one per kind of call (window position, batch shapes)."""
+
+
+def _settings() -> contextlib.AbstractContextManager[Any]:
+    """The compiler settings of a compiled step's calls: ``torch.autograd.grad`` traced into the
+    graph (torch >= 2.11), and room for a graph per kind of call."""
+    changes: dict[str, Any] = {"recompile_limit": RECOMPILE_LIMIT}
     if hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        return torch._dynamo.config.patch(trace_autograd_ops=True)
-    return contextlib.nullcontext()
+        changes["trace_autograd_ops"] = True
+    return torch._dynamo.config.patch(**changes)
+
+
+def _own_code(fn: Any) -> Any:
+    """``fn`` with a code object of its own: the compiler keeps its cache, and counts its
+    recompile limit, per code object, so every compiled step needs its own."""
+    code = fn.__func__.__code__
+    fresh = types.FunctionType(
+        code.replace(co_name=f"{code.co_name}_{next(_SERIAL)}"),
+        fn.__func__.__globals__,
+        closure=fn.__func__.__closure__,
+    )
+    return types.MethodType(fresh, fn.__self__)
+
+
+_SERIAL = itertools.count()
 
 
 def _reason(error: BaseException) -> str:
@@ -89,7 +112,7 @@ class CompiledStep:
         self.error: str | None = None
         inductor = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
         self._compiled = torch.compile(
-            self._graph, fullgraph=True, mode=inductor.get(mode, mode), **options
+            _own_code(self._graph), fullgraph=True, mode=inductor.get(mode, mode), **options
         )
         self._captured: dict[Any, _Captured] | None = {} if mode in CUDAGRAPH_MODES else None
 
@@ -150,7 +173,7 @@ class CompiledStep:
         if self.eager:
             return self.step.run(state, batches, start, donate)
         try:
-            with _autograd_in_graph():
+            with _settings():
                 return TrainState(*self._compiled(state, list(batches), start, donate))
         except Exception as error:  # the compiler's errors share no base class
             # An error of the step itself (a bad batch, a bug in the loss) fails eagerly too,

@@ -47,13 +47,7 @@ def new_key(seed: int | None, device: torch.device) -> Tensor:
 
 def advance(key: Tensor) -> Tensor:
     """The key of the next micro-batch: the counter plus one."""
-    one = _ONES.get(key.device)
-    if one is None:  # built once per device: nothing ever writes into it
-        one = _ONES[key.device] = torch.tensor([0, 1], dtype=torch.int64, device=key.device)
-    return key + one
-
-
-_ONES: dict[torch.device, Tensor] = {}
+    return key + torch.arange(2, dtype=key.dtype, device=key.device)
 
 
 def _h(x: Tensor) -> Tensor:

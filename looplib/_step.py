@@ -351,6 +351,9 @@ class Step:
         """
         _check_state("step.init", state)
         loss: Metrics | None = None
+        if self._draws is None and batch is not NO_CARRY:
+            # Learn, before anything is compiled, whether the loss draws random numbers.
+            self._probe(state, batch)
         if "loss" not in state.metrics or any(
             s.slot is not None and s.init is not None and s.slot not in state.slots
             for s in self.stages
@@ -668,17 +671,8 @@ class Step:
 
 
 def _weight_tensor(count: int, device: torch.device) -> Tensor:
-    """One shared 0-d tensor per sample count and device: building a tensor costs more than
-    the rest of the bookkeeping of a small step, and nothing ever writes into these."""
-    weight = _WEIGHTS.get((count, device))
-    if weight is None:
-        if len(_WEIGHTS) > 1024:
-            _WEIGHTS.clear()
-        weight = _WEIGHTS[count, device] = torch.tensor(float(count), device=device)
-    return weight
-
-
-_WEIGHTS: dict[tuple[int, torch.device], Tensor] = {}
+    """A batch's sample count as a 0-d float32 tensor (a fill: no copy from the host)."""
+    return torch.full((), float(count), dtype=torch.float32, device=device)
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
