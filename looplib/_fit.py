@@ -168,9 +168,12 @@ def _with_tally(step: Step | CompiledStep) -> Step | CompiledStep:
 
 def _epoch_means(sums: Tally) -> dict[str, float]:
     """The epoch's averages as floats (one host sync), over all ranks when distributed."""
-    weight, updates = float(sums.weight), float(sums.updates)
-    loss_side = _to_floats(sums.weighted)
-    per_update = _to_floats(sums.per_update)
+    floats = _to_floats(
+        {**sums.weighted, **sums.per_update, "\0weight": sums.weight, "\0updates": sums.updates}
+    )
+    weight, updates = floats.pop("\0weight"), floats.pop("\0updates")
+    loss_side = {k: floats[k] for k in sums.weighted}
+    per_update = {k: floats[k] for k in sums.per_update}
     means = all_reduce_metrics(loss_side, weight)
     means.update(all_reduce_metrics(per_update, updates))
     return means

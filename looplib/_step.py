@@ -351,17 +351,19 @@ class Step:
         """
         _check_state("step.init", state)
         loss: Metrics | None = None
-        if self._draws is None and batch is not NO_CARRY:
-            # Learn, before anything is compiled, whether the loss draws random numbers.
-            self._probe(state, batch)
-        if "loss" not in state.metrics or any(
+        incomplete = "loss" not in state.metrics or any(
             s.slot is not None and s.init is not None and s.slot not in state.slots
             for s in self.stages
-        ):
-            if batch is NO_CARRY:
-                raise ValueError(INIT_NEEDS_BATCH)
-            loss = self._probe(state, batch)
-            state = state._replace(metrics={**loss, **state.metrics})
+        )
+        if incomplete and batch is NO_CARRY:
+            raise ValueError(INIT_NEEDS_BATCH)
+        if incomplete or (self._draws is None and batch is not NO_CARRY):
+            # One forward pass: the loss's metrics, and (learnt before anything is compiled)
+            # whether the loss draws random numbers.
+            probed = self._probe(state, batch)
+            if incomplete:
+                loss = probed
+                state = state._replace(metrics={**loss, **state.metrics})
         if RNG not in state.slots:
             state = state._replace(
                 slots={**state.slots, RNG: _random.new_key(None, state.step.device)}
@@ -443,6 +445,8 @@ class Step:
         them."""
         params = list(state.params.values())
         buffers = list(state.buffers.values())
+        if not self.model.training:
+            self.model.train()
         if differentiate:
             leaves = [p.detach().requires_grad_(True) for p in params]
             return self.forward(leaves, buffers, key, batch, carry, grad=True, wrt=leaves)
@@ -464,8 +468,6 @@ class Step:
         gradient with respect to those tensors, taken while they are still in the module (so a
         checkpointed block recomputes on them). Returns ``(loss output, grads, buffers)``."""
         buffers = [b.clone() for b in buffers]
-        if not self.model.training:
-            self.model.train()
 
         def run() -> tuple[LossOutput, Any]:
             with self._randomness(key) as mode, torch.set_grad_enabled(grad):
@@ -566,13 +568,15 @@ class Step:
         self.model.eval()
         try:
             with torch.no_grad():
+                params = list(state.params.values())
+                buffers = list(state.buffers.values())
                 if self.split is None:
-                    out, _, _ = self._loss(state, key, batch, NO_CARRY, differentiate=False)
+                    out, _, _ = self.forward(params, buffers, key, batch, NO_CARRY, grad=False)
                     return self._metrics(out, batch)
                 carry: Any = None
                 parts = []
                 for chunk in self.split.split(batch):
-                    out, _, _ = self._loss(state, key, chunk, carry, differentiate=False)
+                    out, _, _ = self.forward(params, buffers, key, chunk, carry, grad=False)
                     carry = out.carry
                     parts.append(self._metrics(out, chunk))
                 return weighted_mean(parts)

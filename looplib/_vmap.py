@@ -82,6 +82,8 @@ class Ensemble(NamedTuple):
     def _forward(self, step: Step, state: TrainState, batch: Any, carry: Any, grad: bool) -> Any:
         """The members' loss outputs, metrics and buffers, computed under ``vmap``."""
         params = list(state.params.values())
+        if grad and not step.model.training:
+            step.model.train()
         if grad:
             params = [p.detach().requires_grad_(True) for p in params]
         has_carry = carry is not NO_CARRY and carry is not None
@@ -160,6 +162,7 @@ class Ensemble(NamedTuple):
         return torch.func.vmap(fn, in_dims=in_dims, randomness="error")(state, *args)
 
     def probe(self, step: Step, state: TrainState, batch: Any, carry: Any) -> Metrics:
+        step.model.train()
         with torch.no_grad():
             return self._forward(step, state, batch, carry, False)[2]
 

@@ -51,6 +51,10 @@ class Recorder:
         self.eval: list[int] = []
 
     def __call__(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        if model.training and not torch.is_grad_enabled():
+            # The step's one probe of the loss (no gradient), made before the first update to
+            # learn the loss's metrics: not a training pass.
+            return mse(model, batch)
         (self.train if model.training else self.eval).append(int(batch[2][0]))
         return mse(model, batch)
 
@@ -478,12 +482,14 @@ def test_history_averages_against_a_hand_written_loop() -> None:
         assert entry["val_loss"] == pytest.approx(vloss)
         assert entry["val_mae"] == pytest.approx(vmae)
         assert entry["time"] > 0
+        assert entry["lr"] == pytest.approx(LR)  # the learning rate, with no user code
         assert set(entry) == {
             "epoch",
             "step",
             "batches",
             "loss",
             "mae",
+            "lr",
             "grad_2.0_norm_total",
             "val_loss",
             "val_mae",

@@ -310,7 +310,7 @@ class Loss:
             raise KeyboardInterrupt
         x, y = batch
         loss = F.mse_loss(model(x), y)
-        if model.training:
+        if model.training and torch.is_grad_enabled():  # not the step's no-grad probe
             self.train_calls += 1
             if self.train_calls in self.nan_at:
                 self.nan_at.discard(self.train_calls)
