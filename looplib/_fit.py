@@ -428,6 +428,8 @@ def fit(
     if size > 1:
         state = broadcast_state(state)
     grad_keys = set(step.init(state._replace(metrics={})).metrics)
+    # One writer per checkpoint directory, for the whole run (released however it ends).
+    lock = checkpointer.lock() if checkpointer is not None else None
     bar = _progress_bar(progress and rank == 0)
     reason = f"max_epochs={max_epochs} reached"
     done_batches = position.done
@@ -539,6 +541,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if lock is not None:
+            lock.release()
     return FitResult(state, history, reason)
 
 

@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from looplib import _checkpoint, _rotate
+from looplib import _checkpoint, _rotate, _tensorfile
 from looplib._checkpoint import load, load_with_extra, register_checkpoint_type, save
 from looplib._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from looplib._types import TrainState
@@ -85,21 +85,54 @@ def temp_files(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
 
 
+MARKER = b'{"__metadata__":{"format":"looplib.checkpoint","sha256":"'
+DIGEST_AT = 8 + len(MARKER)  # the 64 hex digits of the digest start here
+SIZE_AT = DIGEST_AT + 64 + len('","size":"')  # then the file's size, 20 decimal digits
+
+
 def read_format(path: Path) -> tuple[dict[str, Any], bytes]:
-    """Parse a checkpoint by the format documented in the module docstring."""
+    """Parse a checkpoint by the format documented in looplib._checkpoint and _tensorfile.
+
+    Returns ``({"metadata": ..., "tensors": ...}, data)``, with the metadata's tree and extra
+    parsed from their JSON text and ``tensors`` the safetensors header's entries.
+    """
     raw = path.read_bytes()
-    assert raw[:12] == b"\x89looplib\r\n\x1a\n"
-    header_len, data_len = struct.unpack("<QQ", raw[12:28])
-    assert len(raw) == 28 + header_len + data_len + 32
-    assert hashlib.sha256(raw[:-32]).digest() == raw[-32:]
-    return json.loads(raw[28 : 28 + header_len]), raw[28 + header_len : -32]
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    assert raw[8:DIGEST_AT] == MARKER and (8 + header_len) % 8 == 0
+    header = json.loads(raw[8 : 8 + header_len])
+    metadata = header.pop("__metadata__")
+    assert list(metadata)[:3] == ["format", "sha256", "size"]
+    assert metadata["size"] == f"{len(raw):020d}" and raw[SIZE_AT : SIZE_AT + 20].isdigit()
+    zeroed = raw[:DIGEST_AT] + b"0" * 64 + raw[DIGEST_AT + 64 :]
+    assert hashlib.sha256(zeroed).hexdigest() == metadata["sha256"]
+    metadata["tree"] = json.loads(metadata["tree"])
+    metadata["extra"] = json.loads(metadata["extra"])
+    return {"metadata": metadata, "tensors": header}, raw[8 + header_len :]
 
 
 def write_format(path: Path, header: dict[str, Any], data: bytes) -> None:
-    """Write a file in the documented format with a valid digest (as an attacker could)."""
-    head = json.dumps(header).encode()
-    body = b"\x89looplib\r\n\x1a\n" + struct.pack("<QQ", len(head), len(data)) + head + data
-    path.write_bytes(body + hashlib.sha256(body).digest())
+    """Write a file in the documented format with a valid size and digest (as an attacker could).
+
+    ``header`` is as ``read_format`` returns it; its tree and extra are written as JSON text,
+    every other metadata value as given (so a test can put a non-str there).
+    """
+    metadata = dict(header["metadata"])
+    for key in ("tree", "extra"):
+        if key in metadata:
+            metadata[key] = json.dumps(metadata[key])
+    rest = [(k, v) for k, v in metadata.items() if k not in ("format", "sha256", "size")]
+
+    def build(size: int) -> bytes:
+        text = '{"__metadata__":{"format":' + json.dumps(metadata.get("format"))
+        text += ',"sha256":"' + "0" * 64 + f'","size":"{size:020d}"'
+        text += "".join(f",{json.dumps(k)}:{json.dumps(v)}" for k, v in rest) + "}"
+        text += "".join(f",{json.dumps(k)}:{json.dumps(v)}" for k, v in header["tensors"].items())
+        return (text + "}").encode()
+
+    head = build(0)
+    body = struct.pack("<Q", len(head)) + build(8 + len(head) + len(data)) + data
+    digest = hashlib.sha256(body).hexdigest().encode()
+    path.write_bytes(body[:DIGEST_AT] + digest + body[DIGEST_AT + 64 :])
 
 
 def rewrite_header(path: Path, change: Any) -> None:
@@ -111,7 +144,7 @@ def rewrite_header(path: Path, change: Any) -> None:
 def fail_midway(monkeypatch: pytest.MonkeyPatch, after: int, exc: BaseException) -> None:
     """Make the writer write half of chunk number ``after`` and then raise ``exc``."""
     calls = []
-    real = _checkpoint._write_chunk
+    real = _tensorfile._write_chunk
 
     def write(f: Any, chunk: Any) -> None:
         calls.append(1)
@@ -120,7 +153,7 @@ def fail_midway(monkeypatch: pytest.MonkeyPatch, after: int, exc: BaseException)
             raise exc
         real(f, chunk)
 
-    monkeypatch.setattr(_checkpoint, "_write_chunk", write)
+    monkeypatch.setattr(_tensorfile, "_write_chunk", write)
 
 
 def disk_full() -> OSError:
@@ -326,7 +359,7 @@ def test_save_path_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("exc", [disk_full(), RuntimeError("boom"), KeyboardInterrupt()])
-@pytest.mark.parametrize("after", [1, 2, 3, 5])  # prefix, header, 2 tensors, digest
+@pytest.mark.parametrize("after", [1, 2, 3, 4])  # length and header, 2 tensors, digest
 def test_failed_save_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException, after: int
 ) -> None:
@@ -359,7 +392,7 @@ def test_a_failed_fsync_or_rename_keeps_the_previous_file(
 
 
 def test_failed_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fail_midway(monkeypatch, 3, disk_full())
+    fail_midway(monkeypatch, 2, disk_full())
     with pytest.raises(OSError, match="No space left"):
         save({"w": torch.ones(4)}, tmp_path / "c.pt")
     assert list(tmp_path.iterdir()) == []
@@ -429,12 +462,13 @@ def test_a_flipped_byte_anywhere_is_reported(tmp_path: Path, good_bytes: bytes, 
     with pytest.raises(ValueError, match=r"looplib") as info:
         load(path)
     message = str(info.value)
-    if offset < 12:
+    corrupted = "corrupted: its SHA-256 digest does not match"
+    if 8 <= offset < DIGEST_AT:
         assert "does not start with the looplib checkpoint marker" in message
-    elif offset < 28:
-        assert "truncated" in message or "damaged" in message
-    else:
-        assert "corrupted: its SHA-256 digest does not match" in message
+    elif SIZE_AT <= offset < SIZE_AT + 20:  # the size: a digit still, or not
+        assert "truncated" in message or "damaged" in message or corrupted in message
+    else:  # the header's length, the digest, the rest of the header and the data
+        assert corrupted in message
 
 
 def test_appended_bytes_are_reported(tmp_path: Path, good_bytes: bytes) -> None:
@@ -493,17 +527,8 @@ def test_a_well_formed_file_cannot_name_code(tmp_path: Path) -> None:
     path = tmp_path / "crafted.pt"
     for name in ("builtins.open", "os.system", "looplib._checkpoint.save"):
         tree = {"namedtuple": name, "fields": ["a"], "values": [str(tmp_path / "marker")]}
-        write_format(
-            path,
-            {
-                "format": "looplib.checkpoint",
-                "version": 1,
-                "tree": tree,
-                "tensors": [],
-                "extra": None,
-            },
-            b"",
-        )
+        metadata = {"format": "looplib.checkpoint", "version": "2", "tree": tree, "extra": None}
+        write_format(path, {"metadata": metadata, "tensors": {}}, b"")
         with pytest.raises(ValueError, match=rf"no class is registered under that name.*{name}"):
             load(path)
     assert not (tmp_path / "marker").exists()
@@ -512,20 +537,23 @@ def test_a_well_formed_file_cannot_name_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda h: h.update(version=2), r"path must have format version <= 1.*upgrade looplib"),
-        (lambda h: h.update(format="other"), r"header is malformed \(no format marker"),
-        (lambda h: h.update(version="1"), r"header is malformed \(version '1'\)"),
-        (lambda h: h["tensors"][0].update(dtype="object"), r"header is malformed \(tensor spec"),
-        (lambda h: h["tensors"][0].update(shape=[1]), r"tensors need \d+ bytes of data"),
-        (lambda h: h.update(tree={"tensor": 99}), r"malformed \(tensor index 99 at obj\)"),
-        (lambda h: h.update(tree={"set": []}), r"malformed \(node \{'set': \[\]\} at obj\)"),
-        (lambda h: h.update(tree=[1]), r"malformed \(node \[1\] at obj\)"),
-        (lambda h: h.pop("extra"), r"malformed \(missing fields\)"),
+        (lambda m, t: m.update(version="3"), r"path must have format version <= 2.*upgrade"),
+        (lambda m, t: m.update(format="other"), r"does not start with the looplib checkpoint"),
+        (lambda m, t: m.update(version="1"), r"header is malformed \(version '1'\)"),
+        (lambda m, t: m.update(version="02"), r"header is malformed \(version '02'\)"),
+        (lambda m, t: m.update(version=2), r"malformed \(a __metadata__ value that is not a str"),
+        (lambda m, t: t["w"].update(dtype="object"), r"malformed \(tensor 'w': dtype 'object'"),
+        (lambda m, t: t["w"].update(shape=[1]), r"shape \[1\] needs 4 bytes, its offsets give 12"),
+        (lambda m, t: m.update(tree={"tensor": 99}), r"malformed \(tensor name 99 at obj\)"),
+        (lambda m, t: m.update(tree={"set": []}), r"malformed \(node \{'set': \[\]\} at obj\)"),
+        (lambda m, t: m.update(tree=[1]), r"malformed \(node \[1\] at obj\)"),
+        (lambda m, t: m.pop("extra"), r"malformed \(metadata keys \['format', 'sha256'"),
+        (lambda m, t: m.update(more="x"), r"malformed \(metadata keys"),
     ],
 )
 def test_well_formed_but_wrong_headers(tmp_path: Path, change: Any, message: str) -> None:
     path = save({"w": torch.ones(3)}, tmp_path / "c.pt")
-    rewrite_header(path, change)
+    rewrite_header(path, lambda h: change(h["metadata"], h["tensors"]))
     with pytest.raises(ValueError, match=message):
         load(path)
 
@@ -534,7 +562,7 @@ def test_unknown_and_changed_namedtuple_types(tmp_path: Path) -> None:
     path = save(train_state(), tmp_path / "c.pt")
 
     def rename(header: dict[str, Any]) -> None:
-        header["tree"]["values"][2]["namedtuple"] = "mypkg.state.GoneState"
+        header["metadata"]["tree"]["values"][2]["namedtuple"] = "mypkg.state.GoneState"
 
     rewrite_header(path, rename)
     with pytest.raises(
@@ -545,7 +573,9 @@ def test_unknown_and_changed_namedtuple_types(tmp_path: Path) -> None:
     assert "register_checkpoint_type(cls)" in str(info.value)
 
     path = save(train_state(), tmp_path / "d.pt")
-    rewrite_header(path, lambda h: h["tree"].update(fields=["a", "b", "c", "d", "e", "f"]))
+    rewrite_header(
+        path, lambda h: h["metadata"]["tree"].update(fields=["a", "b", "c", "d", "e", "f"])
+    )
     with pytest.raises(ValueError, match=r"with fields \['a'.*but the registered class has fields"):
         load(path)
 
@@ -564,7 +594,7 @@ def test_registration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     out = load(save(Point(torch.ones(1), 2), tmp_path / "c.pt"))
     assert (
         type(out) is Point
-        and read_format(tmp_path / "c.pt")[0]["tree"]["namedtuple"] == "tests.Point"
+        and read_format(tmp_path / "c.pt")[0]["metadata"]["tree"]["namedtuple"] == "tests.Point"
     )
 
     Again = point_class(["x", "y"])  # a re-imported module's copy
@@ -585,7 +615,10 @@ def names(directory: Path) -> list[str]:
 
 
 def ckpt(tag: int) -> str:
-    return f"ckpt-{tag:08d}.pt"
+    return f"ckpt-{tag:08d}.looplib.safetensors"
+
+
+LOCK = ".looplib.lock"  # DirectoryLock's file, made by the first save into a directory
 
 
 def test_keep_last(tmp_path: Path) -> None:
@@ -593,7 +626,7 @@ def test_keep_last(tmp_path: Path) -> None:
     for tag in range(5):
         path = save_rotating(tmp_path, {"w": torch.tensor(tag)}, tag=tag, keep_last=2)
         assert path == tmp_path / ckpt(tag)
-    assert names(tmp_path) == [ckpt(3), ckpt(4), "index.json"]
+    assert names(tmp_path) == [LOCK, ckpt(3), ckpt(4), "index.json"]
     assert latest_checkpoint(tmp_path) == tmp_path / ckpt(4)
     assert load(latest_checkpoint(tmp_path))["w"].item() == 4  # type: ignore[arg-type]
     assert best_checkpoint(tmp_path) is None
@@ -620,7 +653,7 @@ def test_keep_best(tmp_path: Path, mode: str, keep_best: int, kept: list[int], b
             keep_best=keep_best,
             mode=mode,
         )
-    assert names(tmp_path) == [*map(ckpt, kept), "index.json"]
+    assert names(tmp_path) == [LOCK, *map(ckpt, kept), "index.json"]
     index = json.loads((tmp_path / "index.json").read_text())
     assert [row["tag"] for row in index["checkpoints"]] == kept
     assert [row["metric"] for row in index["checkpoints"]] == [metrics[t] for t in kept]
@@ -631,7 +664,7 @@ def test_keep_best(tmp_path: Path, mode: str, keep_best: int, kept: list[int], b
 def test_ties_keep_the_earlier_and_extra_is_stored(tmp_path: Path) -> None:
     for tag in range(3):
         save_rotating(tmp_path, [], tag=tag, best_metric=1.0, keep_last=1, extra={"epoch": tag})
-    assert names(tmp_path) == [ckpt(0), ckpt(2), "index.json"]
+    assert names(tmp_path) == [LOCK, ckpt(0), ckpt(2), "index.json"]
     assert best_checkpoint(tmp_path) == tmp_path / ckpt(0)
     assert load_with_extra(latest_checkpoint(tmp_path))[1] == {"epoch": 2}  # type: ignore[arg-type]
 
@@ -642,7 +675,7 @@ def test_saving_a_tag_again_replaces_it_and_makes_it_latest(tmp_path: Path) -> N
     save_rotating(tmp_path, {"t": torch.tensor(-1)}, tag=20)
     assert latest_checkpoint(tmp_path) == tmp_path / ckpt(20)
     assert load(tmp_path / ckpt(20))["t"].item() == -1
-    assert names(tmp_path) == [ckpt(10), ckpt(20), ckpt(30), "index.json"]
+    assert names(tmp_path) == [LOCK, ckpt(10), ckpt(20), ckpt(30), "index.json"]
 
 
 @pytest.mark.parametrize("after", [1, 3])
@@ -680,9 +713,8 @@ def test_the_index_changes_only_after_the_checkpoint_is_written(
     assert (tmp_path / "index.json").read_bytes() == index
     assert latest_checkpoint(tmp_path) == tmp_path / ckpt(0)
     assert_identical(load(tmp_path / ckpt(0)), [torch.zeros(1)])
-    # The new file is complete but unlisted: rotation never touches it, the next save of tag 1
-    # replaces it.
-    assert names(tmp_path) == [ckpt(0), ckpt(1), "index.json"]
+    # The new file is complete but unlisted; the next save clears it (see the crash tests).
+    assert names(tmp_path) == [LOCK, ckpt(0), ckpt(1), "index.json"]
 
 
 def test_rotation_argument_errors(tmp_path: Path) -> None:
@@ -704,7 +736,7 @@ def test_rotation_argument_errors(tmp_path: Path) -> None:
     save_rotating(tmp_path, [], tag=0, mode="max")
     with pytest.raises(ValueError, match=re.escape("mode must match the mode 'max'")):
         save_rotating(tmp_path, [], tag=1)
-    assert names(tmp_path) == [ckpt(0), "index.json"]
+    assert names(tmp_path) == [LOCK, ckpt(0), "index.json"]
 
 
 def test_a_bad_index_raises_and_deletes_nothing(tmp_path: Path) -> None:
@@ -719,11 +751,11 @@ def test_a_bad_index_raises_and_deletes_nothing(tmp_path: Path) -> None:
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"not a valid checkpoint index \(not JSON\)"):
         latest_checkpoint(tmp_path)
-    assert victim.read_text() == "keep me" and names(tmp_path) == [ckpt(0), "index.json"]
+    assert victim.read_text() == "keep me" and names(tmp_path) == [LOCK, ckpt(0), "index.json"]
 
 
 def test_a_listed_file_deleted_by_hand_is_reported(tmp_path: Path) -> None:
     save_rotating(tmp_path, [], tag=0)
     (tmp_path / ckpt(0)).unlink()
-    with pytest.raises(FileNotFoundError, match=r"ckpt-00000000.pt is missing"):
+    with pytest.raises(FileNotFoundError, match=r"ckpt-00000000.looplib.safetensors is missing"):
         latest_checkpoint(tmp_path)

@@ -42,6 +42,7 @@ PUBLIC = [
     "donate",
     "early_stopping",
     "evaluate",
+    "export",
     "fit",
     "fold",
     "init",

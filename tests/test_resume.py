@@ -354,6 +354,10 @@ def fit_run(loss: Loss, **kwargs: Any) -> ll.FitResult:
     return ll.fit(step, ll.init(model, opt), reshuffled, **(options | kwargs))
 
 
+def ckpt(tag: int) -> str:
+    return f"ckpt-{tag:08d}.looplib.safetensors"
+
+
 def without_time(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: x for k, x in entry.items() if k != "time"} for entry in history]
 
@@ -458,16 +462,17 @@ def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
     tags = sorted({t for t in range(2, done + 1, 2)} | {5 * (e + 1) for e in range(len(ends))})
     best_epoch = min(range(len(ends)), key=lambda e: ends[e][1]["val_loss"])
     kept = sorted(set(tags[-2:]) | {5 * (best_epoch + 1)})
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == [f"ckpt-{t:08d}.pt" for t in kept]
-    assert ll.latest_checkpoint(tmp_path) == tmp_path / f"ckpt-{done:08d}.pt"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [ckpt(t) for t in kept]
+    assert ll.latest_checkpoint(tmp_path) == tmp_path / ckpt(done)
     assert_trees_equal(ll.load(ll.latest_checkpoint(tmp_path))["state"], result.state)
     best = ll.best_checkpoint(tmp_path)
-    assert best == tmp_path / f"ckpt-{5 * (best_epoch + 1):08d}.pt"
+    assert best == tmp_path / ckpt(5 * (best_epoch + 1))
     assert_trees_equal(ll.load(best)["state"], ends[best_epoch][0])
-    # Nothing else is left behind (no temporary files of the atomic writes).
+    # Nothing else is left behind (no temporary files of the atomic writes); the lock file stays.
     assert {p.name for p in tmp_path.iterdir()} == {
-        *(f"ckpt-{t:08d}.pt" for t in kept),
+        *(ckpt(t) for t in kept),
         "index.json",
+        ".looplib.lock",
     }
 
 
