@@ -62,6 +62,7 @@ __all__ = [
 FORMAT = tf.CHECKPOINT_FORMAT
 VERSION = 2
 MAX_DEPTH = 100  # containers nested in a tree, on save and on load
+MAX_NODES = 1 << 18  # nodes (containers, tensors, scalars, None) in a tree, on save and on load
 
 _C = TypeVar("_C", bound=type)
 _TYPES: dict[str, type] = {}  # stored name -> class; the only classes load() ever builds
@@ -194,6 +195,7 @@ class _Encoder:
         self._taken = {"__metadata__"}  # safetensors reserves this name
         self._suffix: dict[str, int] = {}
         self._open: set[int] = set()  # containers on the current path, to catch cycles
+        self.nodes = 0
 
     def _name(self, path: tuple[str, ...]) -> str:
         base = ".".join(path) if path else "obj"
@@ -205,6 +207,10 @@ class _Encoder:
         return name
 
     def encode(self, x: Any, where: str, path: tuple[str, ...]) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            what = f"its tree has more than {MAX_NODES} nodes"
+            raise ValueError(_TOO_LARGE.format(func=self.func, what=what))
         if x is None or type(x) in _SCALARS:
             return x
         if isinstance(x, torch.Tensor):
@@ -449,8 +455,12 @@ class _Decoder:
         self.entries = header.entries
         self.device = device
         self.tensors: dict[str, torch.Tensor] = {}
+        self.nodes = 0
 
     def decode(self, node: Any, where: str, depth: int = 0) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            self.reader.malformed(f"a tree of more than {MAX_NODES} nodes")
         if node is None or type(node) in _SCALARS:
             return node
         if type(node) is not dict:
@@ -527,8 +537,8 @@ class _Decoder:
             self.reader.malformed(f"tensor {min(unused)[:200]!r} is not in the tree")
         if self.device.type == "meta":
             return
-        for name in sorted(self.tensors, key=lambda n: self.entries[n].begin):
-            self.reader.read_into(data_start, self.entries[name], self.tensors[name])
+        items = [(self.entries[name], t) for name, t in self.tensors.items()]
+        self.reader.read_tensors(data_start, sorted(items, key=lambda item: item[0].begin))
 
 
 def _device(func: str, map_location: Any) -> torch.device:

@@ -83,10 +83,11 @@ class Checkpointer:
         self._last: tuple[int, float | None] | None = None  # tag and metric of the last checkpoint
 
     def lock(self) -> DirectoryLock | None:
-        """Hold the directory for this run (in the process that writes the checkpoints)."""
+        """Hold the directory for this run, in the process that writes the checkpoints (None
+        elsewhere, or when this process already holds it)."""
         if not is_main_process():
             return None
-        return DirectoryLock._take("fit", "checkpoint_dir", self.directory)
+        return _rotate._hold("fit", "checkpoint_dir", self.directory)
 
     def restore(self) -> Resumed | None:
         path = latest_checkpoint(self.directory)

@@ -125,9 +125,10 @@ class DirectoryLock:
     at once; nothing waits. The operating system releases the lock when the holding process ends,
     however it ends (even by SIGKILL), so a crashed run never leaves a directory locked.
 
-    ``fit`` holds one for its whole run; :func:`save_rotating` takes one for each call unless
-    this process already holds the directory. Hold one yourself to own a directory for a loop of
-    your own. On platforms without ``fcntl`` (Windows) it does not lock.
+    ``fit`` holds one for its whole run and :func:`save_rotating` one for each call, unless this
+    process already holds the directory. Hold one yourself to own a directory for a loop of your
+    own (or across several ``fit`` calls). On platforms without ``fcntl`` (Windows) it does not
+    lock.
 
     Example:
         >>> import tempfile, torch
@@ -233,16 +234,23 @@ def _record_pid(fd: int) -> None:
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
 
+def _hold(func: str, arg: str, root: Path) -> DirectoryLock | None:
+    """A new lock on ``root`` (errors naming ``func(arg=...)``), or None if this process holds it."""
+    with _HELD_GUARD:
+        if root.is_dir() and _identity(root) in _HELD:
+            return None
+    return DirectoryLock._take(func, arg, root)
+
+
 @contextlib.contextmanager
 def _writing(func: str, root: Path) -> Iterator[None]:
     """Hold ``root`` for one call, unless this process already holds it."""
-    with _HELD_GUARD:
-        held = root.is_dir() and _identity(root) in _HELD
-    if held:
+    lock = _hold(func, "directory", root)
+    try:
         yield
-        return
-    with DirectoryLock._take(func, "directory", root):
-        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 # save writes can be read): its length, the JSON values in it (counted, before parsing, as an
 # upper bound: commas plus opening brackets and braces), the tensors, and a tensor's dimensions.
 MAX_HEADER_BYTES = 64 << 20
-MAX_JSON_ITEMS = 1 << 22
+MAX_JSON_ITEMS = 1 << 21
 MAX_TENSORS = 1 << 17
 MAX_DIMS = 64
 
@@ -133,6 +133,9 @@ def fail_path(
     """Raise ``exc`` with looplib's standard message, showing the whole path (never shortened)."""
     shown = repr(str(path))
     raise exc(f"{func}({arg}={shown}): {arg} {rule}, got {shown}." + (f" {fix}" if fix else ""))
+
+
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 class Entry(NamedTuple):
@@ -387,7 +390,11 @@ class Reader:
             )
         if self._digest() != digest.decode("ascii"):
             self.bad("must be an intact looplib checkpoint", _CORRUPTED)
-        return self._header(_LENGTH.unpack_from(head)[0])
+        header = self._header(_LENGTH.unpack_from(head)[0])
+        fields = [header.metadata.get(k) for k in ("format", "sha256", "size")]
+        if fields != [CHECKPOINT_FORMAT, digest.decode("ascii"), fixed.group(2).decode("ascii")]:
+            self.malformed("its metadata repeats format, sha256 or size with another value")
+        return header
 
     def _foreign(self, head: bytes) -> NoReturn:
         hint = ""
@@ -443,20 +450,14 @@ class Reader:
         return Header(metadata, self._entries(header, self.size - data_start), data_start)
 
     def parse_json(self, text: str, what: str) -> Any:
-        """``json.loads``, refusing duplicate keys; any failure is a malformed header."""
-
-        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            out = dict(pairs)
-            if len(out) != len(pairs):
-                raise ValueError("duplicate key")
-            return out
-
+        """``json.loads``; any failure is a malformed header (raised outside the handler)."""
         try:
-            return json.loads(text, object_pairs_hook=unique)
+            return json.loads(text)
         except RecursionError:
-            self.malformed(f"{what} nested too deeply")
+            problem = f"{what} nested too deeply"
         except ValueError as e:
-            self.malformed(f"{what} is not JSON: {str(e)[:100]}")
+            problem = f"{what} is not JSON: {str(e)[:100]}"
+        self.malformed(problem)
 
     def _entries(self, table: dict[str, Any], data_len: int) -> dict[str, Entry]:
         if len(table) > MAX_TENSORS:
@@ -475,7 +476,7 @@ class Reader:
 
     def _entry(self, key: str, spec: Any) -> Entry:
         where = f"tensor {key[:200]!r}"
-        if type(spec) is not dict or sorted(spec) != ["data_offsets", "dtype", "shape"]:
+        if type(spec) is not dict or spec.keys() != _ENTRY_KEYS:
             self.malformed(f"{where}: not a dict of dtype, shape and data_offsets")
         dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
         if type(dtype) is not str or dtype not in _FROM_STORAGE:
@@ -501,16 +502,29 @@ class Reader:
             )
         return Entry(torch_dtype, tuple(shape), begin, end)
 
-    def read_into(self, data_start: int, entry: Entry, t: torch.Tensor) -> None:
-        """Read ``entry``'s bytes into the contiguous CPU tensor ``t`` (same number of bytes)."""
-        flat = t.reshape(-1).view(torch.uint8)
-        n = flat.numel()
-        if n == 0:
+    def read_tensors(self, data_start: int, items: list[tuple[Entry, torch.Tensor]]) -> None:
+        """Read each entry's bytes into its contiguous tensor (any device; same byte count).
+
+        ``items`` must be in file order; the data is read once, front to back, in large blocks.
+        """
+        total = self.size - data_start
+        buffer = bytearray(min(total, _CHUNK))
+        if not buffer:
             return
-        buffer = bytearray(min(n, _CHUNK))
         staging = torch.frombuffer(buffer, dtype=torch.uint8)
-        self.file.seek(data_start + entry.begin)
-        for start in range(0, n, _CHUNK):
-            stop = min(n, start + _CHUNK)
-            self._read_exact(memoryview(buffer)[: stop - start])
-            flat[start:stop].copy_(staging[: stop - start])
+        view = memoryview(buffer)
+        self.file.seek(data_start)
+        start = have = 0  # the buffer holds the data's bytes [start, start + have)
+        for entry, t in items:
+            flat = t.reshape(-1).view(torch.uint8)
+            at = entry.begin
+            while at < entry.end:
+                if at >= start + have:
+                    start += have
+                    have = min(_CHUNK, total - start)
+                    self._read_exact(view[:have])
+                n = min(entry.end, start + have) - at
+                flat[at - entry.begin : at - entry.begin + n].copy_(
+                    staging[at - start : at - start + n]
+                )
+                at += n
