@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rss": rss(),
                     "objects": len(gc.get_objects()),
                     "history": len(samples) + 1,  # entries so far, this one included
-                    "files": len(list(ckpt.glob("ckpt-*.pt"))),
+                    "files": len(list(ckpt.glob("ckpt-*.looplib.safetensors"))),
                 }
             )
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             on_epoch_end=sample,
         )
         elapsed = time.perf_counter() - started
-        final_files = sorted(p.name for p in ckpt.glob("ckpt-*.pt"))
+        final_files = sorted(p.name for p in ckpt.glob("ckpt-*.looplib.safetensors"))
 
     total_batches = epochs * args.batches_per_epoch
     print(

@@ -10,7 +10,7 @@ by composing transformers, and the whole training state is one pytree.
 
 from . import optim, schedules
 from ._accumulate import AccumulateState, accumulate
-from ._checkpoint import load, load_with_extra, register_checkpoint_type, save
+from ._checkpoint import export, load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, CompileError, compile
 from ._distributed import (
@@ -66,6 +66,7 @@ __all__ = [
     "donate",
     "early_stopping",
     "evaluate",
+    "export",
     "fit",
     "fold",
     "init",

@@ -1,30 +1,32 @@
-"""Checkpoints: write a state pytree to disk atomically and read it back without running code.
+"""Checkpoints: write a state pytree to a safetensors file atomically, read it back running no code.
 
-A checkpoint holds one pytree (usually a ``TrainState``) and optional JSON metadata. Loading
-never unpickles anything: the tree is described in JSON, tensors are raw bytes, and NamedTuple
-nodes are rebuilt only from classes registered with :func:`register_checkpoint_type`.
+A checkpoint holds one pytree (usually a ``TrainState``) and optional JSON metadata ``extra``. It
+is a safetensors file: ``safetensors.torch.load_file(path)`` gives its tensors by readable name.
+Loading never unpickles anything: the tree is described in JSON, tensors are raw bytes, and
+NamedTuple nodes are rebuilt only from classes registered with :func:`register_checkpoint_type`.
 
-File format, version 1 (integers little-endian)::
+Format version 2 (the file layout, digest and bounds are in :mod:`looplib._tensorfile`):
 
-    magic        12 bytes   b"\\x89looplib\\r\\n\\x1a\\n"
-    header_len    8 bytes   unsigned int
-    data_len      8 bytes   unsigned int
-    header       header_len bytes, UTF-8 JSON:
-                   {"format": "looplib.checkpoint", "version": 1,
-                    "tree": <node>, "tensors": [{"dtype": "float32", "shape": [2, 3]}, ...],
-                    "extra": <JSON value>}
-    data         data_len bytes: each tensor's elements in C order, as stored on a
-                 little-endian CPU, one tensor after another, no padding
-    digest       32 bytes   SHA-256 of every byte above
+* **Tensors**, keyed by their path in the tree: NamedTuple field names, dict keys and list or
+  tuple indices joined with ``"."`` (``params.0.weight``, ``opt_state.mu.0.weight``,
+  ``slots.accumulate.count``; a tensor at the root is ``obj``). A dict key may itself contain
+  ``"."``, so two paths can give one name (``{"a.b": x, "a": {"b": y}}``); the later one in the
+  tree then gets ``#2`` appended (``#3``, ... if that is taken too). The tree records each
+  tensor's name, so loading never parses names. Complex tensors are stored as
+  ``torch.view_as_real`` (a trailing dimension of 2), since safetensors has no complex dtype
+  that every reader knows.
+* **Metadata** (``__metadata__``, str -> str): ``format`` (``"looplib.checkpoint"``),
+  ``sha256`` (the digest of the whole file, its own 64 digits read as ``0``), ``size`` (the
+  file's length), ``version`` (``"2"``), ``tree`` and ``extra`` (JSON text).
+* **The tree** is a JSON node: a JSON scalar (``null``, bool, int, float, str: that Python value
+  itself), or an object of one of these shapes: ``{"tensor": name}`` (``{"tensor": name,
+  "dtype": "complex64"}`` for a complex one), ``{"list": [...]}``, ``{"tuple": [...]}``,
+  ``{"dict": [[key, node], ...]}``, ``{"ordereddict": [[key, node], ...]}``,
+  ``{"namedtuple": name, "fields": [...], "values": [...]}``. Floats may be ``NaN`` or
+  ``Infinity``, as Python's ``json`` module writes them.
 
-A tree ``<node>`` is a JSON scalar (``null``, bool, int, float, str: that Python value itself) or
-an object with one of these shapes: ``{"tensor": i}`` (index into ``tensors``),
-``{"list": [...]}``, ``{"tuple": [...]}``, ``{"dict": [[key, node], ...]}``,
-``{"ordereddict": [[key, node], ...]}``, ``{"namedtuple": name, "fields": [...], "values": [...]}``.
-Floats may be ``NaN``/``Infinity``, written as Python's ``json`` module writes them.
-
-Every later version keeps the magic, the two lengths and the trailing digest, so a file from a
-newer looplib is recognised and refused with an "upgrade" message rather than misread.
+Every later version keeps the marker, digest and size at the start, so a file from a newer
+looplib is recognised and refused with an "upgrade" message rather than misread.
 
 What a round trip keeps: the tree's structure and node types, every tensor's dtype, shape and bytes,
 scalar leaves. What it drops: devices (tensors load on ``map_location``), strides (tensors load
@@ -34,106 +36,42 @@ memory shared between tensors (each tensor is stored as its own copy).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
 import json
-import math
 import os
-import secrets
-import struct
+import re
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, NamedTuple, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
+from . import _tensorfile as tf
 from ._types import TrainState, describe
 from ._validate import fail
 
 __all__ = [
     "FORMAT",
     "VERSION",
+    "export",
     "load",
     "load_with_extra",
     "register_checkpoint_type",
     "save",
 ]
 
-FORMAT = "looplib.checkpoint"
-VERSION = 1
-_MAGIC = b"\x89looplib\r\n\x1a\n"
-_LENGTHS = struct.Struct("<QQ")
-_PREFIX = len(_MAGIC) + _LENGTHS.size
-_DIGEST = 32
-_CHUNK = 1 << 20
+FORMAT = tf.CHECKPOINT_FORMAT
+VERSION = 2
+MAX_DEPTH = 100  # containers nested in a tree, on save and on load
+MAX_NODES = 1 << 18  # nodes (containers, tensors, scalars, None) in a tree, on save and on load
 
 _C = TypeVar("_C", bound=type)
 _TYPES: dict[str, type] = {}  # stored name -> class; the only classes load() ever builds
 _NAMES: dict[type, str] = {}  # class -> the name save() records
-
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.complex32,
-        torch.complex64,
-        torch.complex128,
-        *(
-            getattr(torch, name)
-            for name in (
-                "uint16",
-                "uint32",
-                "uint64",
-                "float8_e4m3fn",
-                "float8_e5m2",
-                "float8_e4m3fnuz",
-                "float8_e5m2fnuz",
-            )
-            if isinstance(getattr(torch, name, None), torch.dtype)
-        ),
-    )
-}
+_COMPLEX_NAMES = {str(d).removeprefix("torch."): d for d in tf.COMPLEX}
 
 _SCALARS = (bool, int, float, str)
 
-_LOAD_HINT = "Load an earlier checkpoint; this one cannot be recovered."
-_NOT_FOUND = "No file exists there; check the path, or find one with latest_checkpoint(directory)."
-_IS_DIR = "It is a directory; for rotating checkpoints use latest_checkpoint(directory)."
-_EMPTY = "The file is empty: it was cut short by an interrupted write or copy. " + _LOAD_HINT
-_TRUNCATED = (
-    "The file is truncated: it has {size} bytes but its header says {expected}; it was cut short "
-    "by an interrupted copy or a full disk, or its header is damaged. " + _LOAD_HINT
-)
-_TOO_LONG = (
-    "The file is damaged: it has {size} bytes but its header says {expected}; bytes were appended "
-    "or its header was changed. " + _LOAD_HINT
-)
-_CORRUPTED = (
-    "The file is corrupted: its SHA-256 digest does not match its contents, so bytes changed after "
-    "it was written (a faulty disk or transfer). " + _LOAD_HINT
-)
-_FOREIGN = "It does not start with the looplib checkpoint marker, so looplib.save did not write it."
-_FOREIGN_ZIP = (
-    " It looks like a torch.save file (a zip archive); read it with "
-    "torch.load(path, weights_only=True)."
-)
-_FOREIGN_PICKLE = " It looks like a pickle, which load() never reads: unpickling can run code."
 _NEWER = "It has format version {version}, written by a newer looplib; upgrade looplib to load it."
-_MALFORMED = (
-    "Its digest matches but its header is malformed ({detail}), so looplib.save did not write it; "
-    "do not trust this file."
-)
 _UNKNOWN_TYPE = (
     "It stores a NamedTuple {name!r} at {where}, and no class is registered under that name. Import "
     "the module that defines the class (looplib's modules register theirs on import), or call "
@@ -147,6 +85,10 @@ _FIELDS_CHANGED = (
 _ALLOWED = (
     "a tensor, None, bool, int, float, str, or a dict (str keys), list, tuple or registered "
     "NamedTuple of those"
+)
+_TOO_LARGE = (
+    "{func}(obj): obj is too large for one checkpoint: {what}, and load() refuses more (it bounds "
+    "the work a file can ask of it). Keep large data in tensors, or split the tree over files."
 )
 
 
@@ -223,15 +165,7 @@ register_checkpoint_type(TrainState, name="looplib.TrainState")
 # Encoding a tree
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (writable when the tensor is)."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
-
-
-def _plain_tensor(func: str, where: str, t: torch.Tensor) -> torch.Tensor:
+def _plain_tensor(func: str, arg: str, where: str, t: torch.Tensor) -> torch.Tensor:
     problem = ""
     if t.layout is not torch.strided:
         problem = f"must be a dense tensor, got layout {t.layout}. Convert it with .to_dense()."
@@ -239,41 +173,70 @@ def _plain_tensor(func: str, where: str, t: torch.Tensor) -> torch.Tensor:
         problem = "must not be quantized. Store t.dequantize() or its int_repr() and scales."
     elif t.device.type == "meta":
         problem = "must hold data, got a tensor on the meta device. Materialize it first."
-    elif t.dtype not in _DTYPES.values():
-        problem = f"must have one of the dtypes {sorted(_DTYPES)}, got {t.dtype}."
+    elif t.dtype not in tf.STORAGE and t.dtype not in tf.COMPLEX:
+        known = sorted(str(d).removeprefix("torch.") for d in (*tf.STORAGE, *tf.COMPLEX))
+        problem = (
+            f"must have a dtype a safetensors file can hold, one of {known}, got {t.dtype}. "
+            "Convert it (e.g. t.float()) or store its bits with t.view(torch.uint8)."
+        )
     elif any(n is not None for n in getattr(t, "names", None) or ()):
         problem = "must not have named dimensions. Drop them with t.rename(None)."
     if problem:
-        raise TypeError(f"{func}(obj): {where} {problem}")
+        raise TypeError(f"{func}({arg}): {where} {problem}")
     return t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
 
 
 class _Encoder:
-    """Turns a pytree into a JSON-able node, collecting its tensors in order."""
+    """Turns a pytree into a JSON-able node, collecting its tensors under their path names."""
 
     def __init__(self, func: str) -> None:
         self.func = func
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self._taken = {"__metadata__"}  # safetensors reserves this name
+        self._suffix: dict[str, int] = {}
         self._open: set[int] = set()  # containers on the current path, to catch cycles
+        self.nodes = 0
 
-    def encode(self, x: Any, where: str) -> Any:
+    def _name(self, path: tuple[str, ...]) -> str:
+        base = ".".join(path) if path else "obj"
+        name = base
+        while name in self._taken:
+            self._suffix[base] = self._suffix.get(base, 1) + 1
+            name = f"{base}#{self._suffix[base]}"
+        self._taken.add(name)
+        return name
+
+    def encode(self, x: Any, where: str, path: tuple[str, ...]) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            what = f"its tree has more than {MAX_NODES} nodes"
+            raise ValueError(_TOO_LARGE.format(func=self.func, what=what))
         if x is None or type(x) in _SCALARS:
             return x
         if isinstance(x, torch.Tensor):
-            self.tensors.append(_plain_tensor(self.func, where, x))
-            return {"tensor": len(self.tensors) - 1}
+            t = _plain_tensor(self.func, "obj", where, x)
+            name = self._name(path)
+            self.tensors.append((name, t))
+            if t.dtype in tf.COMPLEX:
+                return {"tensor": name, "dtype": str(t.dtype).removeprefix("torch.")}
+            return {"tensor": name}
         if id(x) in self._open:
             raise ValueError(f"{self.func}(obj): {where} contains itself; a tree has no cycles.")
+        if len(path) >= MAX_DEPTH:
+            raise ValueError(
+                f"{self.func}(obj): {where} is nested more than {MAX_DEPTH} containers deep, "
+                "and load() refuses deeper trees. Flatten the tree."
+            )
         self._open.add(id(x))
         try:
-            return self._container(x, where)
+            return self._container(x, where, path)
         finally:
             self._open.discard(id(x))
 
-    def _container(self, x: Any, where: str) -> Any:
+    def _container(self, x: Any, where: str, path: tuple[str, ...]) -> Any:
         kind = type(x)
         if kind is list or kind is tuple:
-            items = [self.encode(v, f"{where}[{i}]") for i, v in enumerate(x)]
+            items = [self.encode(v, f"{where}[{i}]", (*path, str(i))) for i, v in enumerate(x)]
             return {kind.__name__: items}
         if kind is dict or kind is OrderedDict:
             pairs = []
@@ -284,7 +247,7 @@ class _Encoder:
                         f"type {type(k).__name__}. Use str keys (e.g. {str(k)!r}) so keys survive "
                         "the trip through JSON unchanged."
                     )
-                pairs.append([k, self.encode(v, f"{where}[{k!r}]")])
+                pairs.append([k, self.encode(v, f"{where}[{k!r}]", (*path, k))])
             return {"dict" if kind is dict else "ordereddict": pairs}
         if _is_namedtuple_class(kind):
             name = _NAMES.get(kind)
@@ -295,7 +258,7 @@ class _Encoder:
                     "@register_checkpoint_type where it is defined, so load() can rebuild it."
                 )
             fields = list(kind._fields)
-            values = [self.encode(getattr(x, f), f"{where}.{f}") for f in fields]
+            values = [self.encode(getattr(x, f), f"{where}.{f}", (*path, f)) for f in fields]
             return {"namedtuple": name, "fields": fields, "values": values}
         raise TypeError(
             f"{self.func}(obj): {where} must be {_ALLOWED}, got {describe(x)} of type "
@@ -328,59 +291,16 @@ def _check_extra(func: str, value: Any, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
+# Writing
 
 
-def _write_chunk(f: IO[bytes], chunk: bytes | memoryview) -> None:
-    f.write(chunk)
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary sibling: ``path`` is the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _as_path(func: str, path: Any) -> Path:
+def _as_path(func: str, path: Any, arg: str = "path") -> Path:
     if not isinstance(path, (str, os.PathLike)):
-        fail(func, "path", "must be a str or os.PathLike", path, exc=TypeError)
+        fail(func, arg, "must be a str or os.PathLike", path, exc=TypeError)
     return Path(path)
 
 
-def _save(func: str, obj: Any, path: Path, extra: Any) -> Path:
-    encoder = _Encoder(func)
-    tree = encoder.encode(obj, "obj")
-    _check_extra(func, extra, "extra")
-    tensors = encoder.tensors
-    specs = [
-        {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for t in tensors
-    ]
-    header = {"format": FORMAT, "version": VERSION, "tree": tree, "tensors": specs, "extra": extra}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    data_len = sum(t.numel() * t.element_size() for t in tensors)
-
+def _check_target(func: str, path: Path) -> None:
     if path.is_dir():
         fail(
             func, "path", "must name a file", str(path), "It is a directory.", exc=IsADirectoryError
@@ -395,28 +315,43 @@ def _save(func: str, obj: Any, path: Path, extra: Any) -> Path:
             exc=FileNotFoundError,
         )
 
-    def write(f: IO[bytes]) -> None:
-        digest = hashlib.sha256()
-        for chunk in (_MAGIC + _LENGTHS.pack(len(header_bytes), data_len), header_bytes):
-            _write_chunk(f, chunk)
-            digest.update(chunk)
-        for t in tensors:
-            raw = _raw(t)
-            _write_chunk(f, raw)
-            digest.update(raw)
-        _write_chunk(f, digest.digest())
 
-    _atomic_write(path, write)
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _save(func: str, obj: Any, path: Path, extra: Any) -> Path:
+    encoder = _Encoder(func)
+    tree = encoder.encode(obj, "obj", ())
+    _check_extra(func, extra, "extra")
+    _check_target(func, path)
+    stored = [(name, tf.storage_tensor(t)) for name, t in encoder.tensors]
+    ordered, entries = tf.layout(stored)
+    rest = _dumps({"version": str(VERSION), "tree": _dumps(tree), "extra": _dumps(extra)})[1:-1]
+    data_len = sum(t.numel() * t.element_size() for _, t in stored)
+    # The size field has a fixed width, so the header's length does not depend on its value.
+    length = len(tf.header_bytes(tf.checkpoint_metadata(0, rest), entries))
+    header = tf.header_bytes(tf.checkpoint_metadata(8 + length + data_len, rest), entries)
+    if len(stored) > tf.MAX_TENSORS:
+        raise ValueError(_TOO_LARGE.format(func=func, what=f"it has {len(stored)} tensors"))
+    if len(header) > tf.MAX_HEADER_BYTES:
+        what = f"its header would have {len(header)} bytes"
+        raise ValueError(_TOO_LARGE.format(func=func, what=what))
+    if tf.count_items(header.decode("ascii")) > tf.MAX_JSON_ITEMS:
+        what = f"its header would hold over {tf.MAX_JSON_ITEMS} JSON values"
+        raise ValueError(_TOO_LARGE.format(func=func, what=what))
+    tf.atomic_write(path, lambda f: tf.write_file(f, header, ordered, digest=True))
     return path
 
 
 def save(obj: Any, path: str | os.PathLike[str], *, extra: Any = None) -> Path:
     """Write the pytree ``obj`` and JSON metadata ``extra`` to ``path``, atomically and durably.
 
-    The file is written to a temporary sibling, flushed and fsynced, renamed over ``path`` with
-    ``os.replace``, and the directory is fsynced. So when ``save`` returns, ``path`` holds the whole
-    checkpoint; when it raises (an error, a full disk, an interrupt), ``path`` holds what it held
-    before and no temporary file is left. Everything is checked before the first byte is written.
+    The file is a safetensors file (see the module docstring for the names and metadata), written
+    to a temporary sibling, flushed and fsynced, renamed over ``path`` with ``os.replace``, and the
+    directory is fsynced. So when ``save`` returns, ``path`` holds the whole checkpoint; when it
+    raises (an error, a full disk, an interrupt), ``path`` holds what it held before and no
+    temporary file is left. Everything is checked before the first byte is written.
 
     Args:
         obj: a pytree of dicts (str keys), OrderedDicts, lists, tuples, registered NamedTuples and
@@ -433,168 +368,144 @@ def save(obj: Any, path: str | os.PathLike[str], *, extra: Any = None) -> Path:
 
     Example:
         >>> import tempfile, torch
+        >>> from safetensors.torch import load_file
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = save({"w": torch.ones(2)}, f"{d}/state.pt", extra={"epoch": 3})
-        ...     load_with_extra(p)
-        ({'w': tensor([1., 1.])}, {'epoch': 3})
+        ...     p = save({"w": torch.ones(2)}, f"{d}/state.safetensors", extra={"epoch": 3})
+        ...     load_with_extra(p), load_file(p)
+        (({'w': tensor([1., 1.])}, {'epoch': 3}), {'w': tensor([1., 1.])})
     """
     return _save("save", obj, _as_path("save", path), extra)
+
+
+def export(state: TrainState, path: str | os.PathLike[str]) -> Path:
+    """Write the model's weights in ``state`` as a plain safetensors file, for ``load_state_dict``.
+
+    The file holds ``state.params`` and ``state.buffers`` under their module names (the names of
+    ``named_parameters()`` and ``named_buffers()``), so
+    ``model.load_state_dict(safetensors.torch.load_file(path))`` loads them into a fresh module.
+    Its metadata is ``{"format": "pt"}``; it has no optimizer state, step or metrics (resume
+    from :func:`save` files). Written atomically, as :func:`save` writes.
+
+    ``named_parameters()`` names a tied parameter once and ``named_buffers()`` includes
+    non-persistent buffers, while ``state_dict()`` does the reverse; load such a module's file
+    with ``load_state_dict(..., strict=False)``.
+
+    Args:
+        state: a ``TrainState`` (from :func:`init`, or a checkpoint).
+        path: the file to write; its directory must exist.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+
+    Example:
+        >>> import tempfile, torch, looplib as ll
+        >>> from safetensors.torch import load_file
+        >>> model = torch.nn.Linear(2, 1)
+        >>> state = ll.init(model, ll.optim.sgd(0.1))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     model.load_state_dict(load_file(export(state, f"{d}/model.safetensors")))
+        <All keys matched successfully>
+    """
+    func = "export"
+    target = _as_path(func, path)
+    if not isinstance(state, TrainState):
+        fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+    tensors: list[tuple[str, torch.Tensor]] = []
+    seen: dict[str, str] = {}
+    for field in ("params", "buffers"):
+        group = getattr(state, field)
+        if type(group) is not dict:
+            fail(func, "state", f"must have a dict in state.{field}", group, exc=TypeError)
+        for name, t in group.items():
+            where = f"state.{field}[{name!r}]"
+            if type(name) is not str or name == "__metadata__" or name in seen:
+                rule = "must name each tensor once, by a module name"
+                fix = f"{where} repeats state.{seen[name]}[{name!r}]." if name in seen else ""
+                fail(func, "state", rule, name, fix)
+            if not isinstance(t, torch.Tensor):
+                fail(func, "state", f"must hold tensors in {where}", t, exc=TypeError)
+            plain = _plain_tensor(func, "state", where, t)
+            if plain.dtype in tf.COMPLEX:
+                raise TypeError(
+                    f"export(state): {where} must be real, got {plain.dtype}; a plain "
+                    "safetensors file has no complex dtype every reader knows. Use save()."
+                )
+            seen[name] = field
+            tensors.append((name, plain))
+    _check_target(func, target)
+    ordered, entries = tf.layout(tensors)
+    header = tf.header_bytes('"format":"pt"', entries)
+    tf.atomic_write(target, lambda f: tf.write_file(f, header, ordered, digest=False))
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-class _Header(NamedTuple):
-    tree: Any
-    specs: list[tuple[torch.dtype, tuple[int, ...]]]
-    extra: Any
-
-
-def _read_exact(f: IO[bytes], view: memoryview) -> bool:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            return False
-        got += n
-    return True
-
-
-class _Reader:
-    """Checks a file is an intact checkpoint of a supported version, then builds its tree."""
-
-    def __init__(self, func: str, path: Path) -> None:
-        self.func = func
-        self.path = path
-
-    def bad(self, rule: str, detail: str, exc: type[Exception] = ValueError) -> NoReturn:
-        fail(self.func, "path", rule, str(self.path), detail, exc=exc)
-
-    def read(self, device: torch.device) -> tuple[Any, Any]:
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 (closed by the with below)
-        except FileNotFoundError:
-            self.bad("must name an existing checkpoint file", _NOT_FOUND, FileNotFoundError)
-        except IsADirectoryError:
-            self.bad("must name a checkpoint file", _IS_DIR, IsADirectoryError)
-        with f:
-            header_len, data_len = self._check_size_and_digest(f)
-            f.seek(_PREFIX)
-            header = self._parse_header(f.read(header_len), data_len)
-            tensors = []
-            for dtype, shape in header.specs:
-                t = torch.empty(shape, dtype=dtype)
-                if not _read_exact(f, _raw(t)):
-                    self.bad("must be a complete looplib checkpoint", "It shrank while being read.")
-                tensors.append(t if device.type == "cpu" else t.to(device))
-        return _Decoder(self, tensors).decode(header.tree, "obj"), header.extra
-
-    def _check_size_and_digest(self, f: IO[bytes]) -> tuple[int, int]:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(_PREFIX)
-        complete = "must be a complete looplib checkpoint"
-        if not head:
-            self.bad(complete, _EMPTY)
-        if not head.startswith(_MAGIC):
-            if len(head) < len(_MAGIC) and _MAGIC.startswith(head):
-                self.bad(complete, _TRUNCATED.format(size=size, expected="more"))
-            hint = _FOREIGN_ZIP if head.startswith(b"PK\x03\x04") else ""
-            hint = _FOREIGN_PICKLE if head.startswith(b"\x80") else hint
-            self.bad("must be a checkpoint written by looplib.save", _FOREIGN + hint)
-        if len(head) < _PREFIX:
-            self.bad(complete, _TRUNCATED.format(size=size, expected="more"))
-        header_len, data_len = _LENGTHS.unpack_from(head, len(_MAGIC))
-        expected = _PREFIX + header_len + data_len + _DIGEST
-        if size < expected:
-            self.bad(complete, _TRUNCATED.format(size=size, expected=expected))
-        if size > expected:
-            self.bad(
-                "must be an intact looplib checkpoint",
-                _TOO_LONG.format(size=size, expected=expected),
-            )
-        f.seek(0)
-        digest = hashlib.sha256()
-        remaining = size - _DIGEST
-        while remaining:
-            chunk = f.read(min(_CHUNK, remaining))
-            if not chunk:
-                self.bad(complete, "It shrank while being read.")
-            digest.update(chunk)
-            remaining -= len(chunk)
-        if f.read(_DIGEST) != digest.digest():
-            self.bad("must be an intact looplib checkpoint", _CORRUPTED)
-        return header_len, data_len
-
-    def malformed(self, detail: str) -> NoReturn:
-        self.bad("must be a well-formed looplib checkpoint", _MALFORMED.format(detail=detail))
-
-    def _parse_header(self, raw: bytes, data_len: int) -> _Header:
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            self.malformed("not JSON")
-        if type(header) is not dict or header.get("format") != FORMAT:
-            self.malformed(f"no format marker {FORMAT!r}")
-        version = header.get("version")
-        if type(version) is not int or version < 1:
-            self.malformed(f"version {version!r}")
-        if version > VERSION:
-            self.bad(f"must have format version <= {VERSION}", _NEWER.format(version=version))
-        if not {"tree", "tensors", "extra"} <= header.keys() or type(header["tensors"]) is not list:
-            self.malformed("missing fields")
-        specs = []
-        total = 0
-        for spec in header["tensors"]:
-            ok = (
-                type(spec) is dict
-                and spec.get("dtype") in _DTYPES
-                and type(spec.get("shape")) is list
-            )
-            shape = spec["shape"] if ok else []
-            if not ok or not all(type(n) is int and n >= 0 for n in shape):
-                self.malformed(f"tensor spec {spec!r}")
-            dtype = _DTYPES[spec["dtype"]]
-            total += math.prod(shape) * dtype.itemsize
-            specs.append((dtype, tuple(shape)))
-        if total != data_len:
-            self.malformed(f"tensors need {total} bytes of data, the file has {data_len}")
-        return _Header(header["tree"], specs, header["extra"])
-
-
 class _Decoder:
-    """Rebuilds a tree from its JSON node; NamedTuples come only from the registry."""
+    """Rebuilds a tree from its JSON node; NamedTuples come only from the registry.
 
-    def __init__(self, reader: _Reader, tensors: list[torch.Tensor]) -> None:
+    Tensors are allocated (on ``device``) as their nodes are met; their bytes are read once the
+    whole tree has been checked.
+    """
+
+    def __init__(self, reader: tf.Reader, header: tf.Header, device: torch.device) -> None:
         self.reader = reader
-        self.tensors = tensors
+        self.entries = header.entries
+        self.device = device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.nodes = 0
 
-    def decode(self, node: Any, where: str) -> Any:
+    def decode(self, node: Any, where: str, depth: int = 0) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            self.reader.malformed(f"a tree of more than {MAX_NODES} nodes")
         if node is None or type(node) in _SCALARS:
             return node
         if type(node) is not dict:
             self.reader.malformed(f"node {describe(node)} at {where}")
+        if depth > MAX_DEPTH:
+            self.reader.malformed(f"a tree nested more than {MAX_DEPTH} deep at {where}")
         keys = sorted(node)
-        if keys == ["tensor"]:
-            i = node["tensor"]
-            if type(i) is not int or not 0 <= i < len(self.tensors):
-                self.reader.malformed(f"tensor index {describe(i)} at {where}")
-            return self.tensors[i]
+        if keys in (["tensor"], ["dtype", "tensor"]):
+            return self._tensor(node, where)
         if keys in (["list"], ["tuple"]) and type(node[keys[0]]) is list:
-            items = [self.decode(v, f"{where}[{i}]") for i, v in enumerate(node[keys[0]])]
+            items = [
+                self.decode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node[keys[0]])
+            ]
             return items if keys == ["list"] else tuple(items)
         if keys in (["dict"], ["ordereddict"]) and type(node[keys[0]]) is list:
             out: dict[str, Any] = {} if keys == ["dict"] else OrderedDict()
             for pair in node[keys[0]]:
                 if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
                     self.reader.malformed(f"dict entry {describe(pair)} at {where}")
-                out[pair[0]] = self.decode(pair[1], f"{where}[{pair[0]!r}]")
+                if pair[0] in out:
+                    self.reader.malformed(f"dict key {pair[0]!r} repeated at {where}")
+                out[pair[0]] = self.decode(pair[1], f"{where}[{pair[0]!r}]", depth + 1)
             return out
         if keys == ["fields", "namedtuple", "values"]:
-            return self._namedtuple(node, where)
+            return self._namedtuple(node, where, depth)
         self.reader.malformed(f"node {describe(node)} at {where}")
 
-    def _namedtuple(self, node: dict[str, Any], where: str) -> Any:
+    def _tensor(self, node: dict[str, Any], where: str) -> torch.Tensor:
+        name = node["tensor"]
+        if type(name) is not str or name not in self.entries:
+            self.reader.malformed(f"tensor name {describe(name)} at {where}")
+        if name in self.tensors:
+            self.reader.malformed(f"tensor {name!r} used twice, again at {where}")
+        entry = self.entries[name]
+        dtype, shape = entry.dtype, entry.shape
+        if "dtype" in node:
+            logical = _COMPLEX_NAMES.get(node["dtype"]) if type(node["dtype"]) is str else None
+            if logical is None or tf.COMPLEX[logical] != dtype or shape[-1:] != (2,):
+                self.reader.malformed(f"complex tensor {name!r} at {where}")
+            dtype, shape = logical, shape[:-1]
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        self.tensors[name] = t
+        return t
+
+    def _namedtuple(self, node: dict[str, Any], where: str, depth: int) -> Any:
         name, fields, values = node["namedtuple"], node["fields"], node["values"]
         if type(name) is not str or type(fields) is not list or type(values) is not list:
             self.reader.malformed(f"NamedTuple node at {where}")
@@ -612,7 +523,22 @@ class _Decoder:
                 "must match the registered NamedTuple types",
                 _FIELDS_CHANGED.format(name=name, where=where, stored=fields, current=current),
             )
-        return cls(*(self.decode(v, f"{where}.{f}") for f, v in zip(fields, values, strict=True)))
+        return cls(
+            *(
+                self.decode(v, f"{where}.{f}", depth + 1)
+                for f, v in zip(fields, values, strict=True)
+            )
+        )
+
+    def fill(self, data_start: int) -> None:
+        """Read every tensor's bytes, in file order; all must have been met in the tree."""
+        unused = self.entries.keys() - self.tensors.keys()
+        if unused:
+            self.reader.malformed(f"tensor {min(unused)[:200]!r} is not in the tree")
+        if self.device.type == "meta":
+            return
+        items = [(self.entries[name], t) for name, t in self.tensors.items()]
+        self.reader.read_tensors(data_start, sorted(items, key=lambda item: item[0].begin))
 
 
 def _device(func: str, map_location: Any) -> torch.device:
@@ -626,14 +552,40 @@ def _device(func: str, map_location: Any) -> torch.device:
         fail(func, "map_location", "must name a device", map_location, "E.g. 'cpu' or 'cuda:0'.")
 
 
+_METADATA_KEYS = ["extra", "format", "sha256", "size", "tree", "version"]
+
+
+def _read(func: str, path: Path, device: torch.device) -> tuple[Any, Any]:
+    with tf.Reader(func, path) as reader:
+        header = reader.checkpoint_header()
+        metadata = header.metadata
+        version = metadata.get("version", "")
+        if re.fullmatch(r"[1-9][0-9]{0,5}", version) is None:
+            reader.malformed(f"version {version[:20]!r}")
+        if int(version) > VERSION:
+            reader.bad(f"must have format version <= {VERSION}", _NEWER.format(version=version))
+        if int(version) < VERSION:  # version 1 was not a safetensors file
+            reader.malformed(f"version {version!r}")
+        if sorted(metadata) != _METADATA_KEYS:
+            reader.malformed(f"metadata keys {sorted(metadata)[:10]}, not {_METADATA_KEYS}")
+        tree = reader.parse_json(metadata["tree"], "tree")
+        extra = reader.parse_json(metadata["extra"], "extra")
+        decoder = _Decoder(reader, header, device)
+        obj = decoder.decode(tree, "obj")
+        decoder.fill(header.data_start)
+    return obj, extra
+
+
 def load_with_extra(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> tuple[Any, Any]:
     """Read a checkpoint written by :func:`save`: return ``(obj, extra)``.
 
-    The whole file is verified (marker, length, SHA-256 digest, version) before any of it is
-    interpreted; nothing in it is unpickled or imported. A NamedTuple node is rebuilt only from a
-    class registered with :func:`register_checkpoint_type`.
+    ``path`` must be a regular file (checked before it is opened; a pipe or device is refused,
+    never read). The whole file is verified (marker, size, SHA-256 digest, version, every header
+    field and the bounds on its size) before its tensors are read; nothing in it is unpickled or
+    imported. A NamedTuple node is rebuilt only from a class registered with
+    :func:`register_checkpoint_type`.
 
     Args:
         path: a file written by :func:`save`.
@@ -645,18 +597,20 @@ def load_with_extra(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is truncated, corrupted, not a looplib checkpoint, from a newer
-            looplib, or holds an unregistered NamedTuple type; the message says which.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: the file is not a regular file, truncated, corrupted, not a looplib
+            checkpoint, malformed, from a newer looplib, or holds an unregistered NamedTuple
+            type; the message says which.
 
     Example:
         >>> import tempfile, torch
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = save([torch.tensor(7)], f"{d}/c.pt", extra={"history": [{"loss": 0.5}]})
+        ...     p = save([torch.tensor(7)], f"{d}/c.safetensors", extra={"history": [{"loss": 0.5}]})
         ...     load_with_extra(p)
         ([tensor(7)], {'history': [{'loss': 0.5}]})
     """
     func = "load_with_extra"
-    return _Reader(func, _as_path(func, path)).read(_device(func, map_location))
+    return _read(func, _as_path(func, path), _device(func, map_location))
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Any:
@@ -674,7 +628,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cp
     Example:
         >>> import tempfile, torch
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     load(save((torch.zeros(1, dtype=torch.int64), None), f"{d}/c.pt"))
+        ...     load(save((torch.zeros(1, dtype=torch.int64), None), f"{d}/c.safetensors"))
         (tensor([0]), None)
     """
-    return _Reader("load", _as_path("load", path)).read(_device("load", map_location))[0]
+    return _read("load", _as_path("load", path), _device("load", map_location))[0]

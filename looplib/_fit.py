@@ -389,6 +389,8 @@ def fit(
             return FitResult(state, history, done)
     step = _with_tally(step)
     started_up = False
+    # One writer per checkpoint directory, for the whole run (released however it ends).
+    lock = checkpointer.lock() if checkpointer is not None else None
     bar = _progress_bar(progress and rank == 0)
     reason = f"max_epochs={max_epochs} reached"
     done_batches = position.done
@@ -507,6 +509,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if lock is not None:
+            lock.release()
     return FitResult(state, history, reason)
 
 

@@ -9,10 +9,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _rotate
 from . import _validate as v
 from ._checkpoint import load_with_extra
 from ._distributed import is_main_process
-from ._rotate import latest_checkpoint, save_rotating
+from ._rotate import DirectoryLock, latest_checkpoint, save_rotating
 from ._types import History, TrainState
 
 FORMAT = "looplib.fit"
@@ -79,6 +80,14 @@ class Checkpointer:
         self.keep_best = keep_best
         self.monitor = monitor
         self.mode = mode
+        self._last: tuple[int, float | None] | None = None  # tag and metric of the last checkpoint
+
+    def lock(self) -> DirectoryLock | None:
+        """Hold the directory for this run, in the process that writes the checkpoints (None
+        elsewhere, or when this process already holds it)."""
+        if not is_main_process():
+            return None
+        return _rotate._hold("fit", "checkpoint_dir", self.directory)
 
     def restore(self) -> Resumed | None:
         path = latest_checkpoint(self.directory)
@@ -103,6 +112,7 @@ class Checkpointer:
             )
         set_global_rng_states(tree["rng"])
         position = Position(*extra["position"])
+        self._last = (position.done, _rotate._metric(self.directory, position.done))
         return Resumed(
             tree["state"], extra["history"], position, tree["meter"], tree["rng"], tree["epoch_rng"]
         )
@@ -132,6 +142,12 @@ class Checkpointer:
         metric = None if entry is None else entry.get(self.monitor)
         if metric is not None and not math.isfinite(metric):
             metric = None
+        last_tag, last_metric = self._last or (None, None)
+        if metric is None and last_metric is not None and last_tag == position.done:
+            # The last checkpoint (an epoch end's, ranked) holds this very state: this is a save
+            # of the last good state before the next epoch's first batch. Keep it and its rank.
+            return self.directory / _rotate._file_name(position.done)
+        self._last = (position.done, metric)
         tree = {
             "state": state,
             "meter": meter,

@@ -43,6 +43,7 @@ PUBLIC = [
     "donate",
     "early_stopping",
     "evaluate",
+    "export",
     "fit",
     "fold",
     "init",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch import nn
 
 import looplib as ll
@@ -354,6 +355,10 @@ def fit_run(loss: Loss, **kwargs: Any) -> ll.FitResult:
     return ll.fit(step, ll.init(model, opt), reshuffled, **(options | kwargs))
 
 
+def ckpt(tag: int) -> str:
+    return f"ckpt-{tag:08d}.looplib.safetensors"
+
+
 def without_time(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: x for k, x in entry.items() if k != "time"} for entry in history]
 
@@ -458,16 +463,21 @@ def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
     tags = sorted({t for t in range(2, done + 1, 2)} | {5 * (e + 1) for e in range(len(ends))})
     best_epoch = min(range(len(ends)), key=lambda e: ends[e][1]["val_loss"])
     kept = sorted(set(tags[-2:]) | {5 * (best_epoch + 1)})
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == [f"ckpt-{t:08d}.pt" for t in kept]
-    assert ll.latest_checkpoint(tmp_path) == tmp_path / f"ckpt-{done:08d}.pt"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [ckpt(t) for t in kept]
+    assert ll.latest_checkpoint(tmp_path) == tmp_path / ckpt(done)
     assert_trees_equal(ll.load(ll.latest_checkpoint(tmp_path))["state"], result.state)
+    # Any safetensors reader gets the parameters under readable names.
+    tensors = load_file(ll.latest_checkpoint(tmp_path))
+    for name, param in result.state.params.items():
+        assert torch.equal(tensors[f"state.params.{name}"], param)
     best = ll.best_checkpoint(tmp_path)
-    assert best == tmp_path / f"ckpt-{5 * (best_epoch + 1):08d}.pt"
+    assert best == tmp_path / ckpt(5 * (best_epoch + 1))
     assert_trees_equal(ll.load(best)["state"], ends[best_epoch][0])
-    # Nothing else is left behind (no temporary files of the atomic writes).
+    # Nothing else is left behind (no temporary files of the atomic writes); the lock file stays.
     assert {p.name for p in tmp_path.iterdir()} == {
-        *(f"ckpt-{t:08d}.pt" for t in kept),
+        *(ckpt(t) for t in kept),
         "index.json",
+        ".looplib.lock",
     }
 
 
@@ -489,6 +499,29 @@ def test_a_nan_loss_saves_the_last_good_state_and_resumes_exactly(
     # Once the cause is gone (here the NaN was a one-off), the run resumes from the last good
     # state with the same data order and random draws, as if the bad batch had never failed.
     assert_same_run(fit_run(Loss(), **kwargs), expected)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_nan_right_after_an_epoch_end_checkpoint_keeps_the_best(
+    tmp_path: Path, resumed: bool
+) -> None:
+    """With keep_last=1, keep_best=1 the last-good-state save before the NaN batch (no metric)
+    falls on the tag of the epoch-end checkpoint that holds that state: it keeps its rank."""
+    kwargs: dict[str, Any] = {"checkpoint_dir": tmp_path, "keep_last": 1, "keep_best": 1}
+    if resumed:  # interrupted at epoch 2's first batch (7 loss calls an epoch), then resumed
+        with pytest.raises(KeyboardInterrupt):
+            fit_run(Loss(interrupt_at=(15,)), **kwargs)
+    with pytest.raises(ll.NonFiniteLossError) as info:
+        fit_run(Loss(nan_at=(1,) if resumed else (11,)), **kwargs)
+    err = info.value
+    assert (err.epoch, err.batch) == (2, 0)
+    best = ll.best_checkpoint(tmp_path)
+    assert best is not None and best.name in {ckpt(5), ckpt(10)}
+    ranked = {e["val_loss"]: ckpt(5 * (i + 1)) for i, e in enumerate(err.history)}
+    assert best.name == ranked[min(ranked)]
+    assert ll.latest_checkpoint(tmp_path) == tmp_path / ckpt(10)
+    assert_trees_equal(ll.load(tmp_path / ckpt(10))["state"], err.state)
+    assert_same_run(fit_run(Loss(), **kwargs), reference()[0])
 
 
 def test_a_nan_loss_resumes_into_the_same_error(tmp_path: Path) -> None:
