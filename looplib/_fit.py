@@ -408,8 +408,6 @@ def fit(
                 batches = _limit(batches, train_fraction)
             if size > 1:
                 batches = _for_rank("train_batches", batches, size, shard_data)
-            if started_up:
-                state = reset_tally(state)
             counted = 0
             reached_max = False
             if bar is not None:
@@ -431,8 +429,6 @@ def fit(
                     state = step.init(state, batch)
                     if size > 1:
                         state = broadcast_state(state)
-                    if epoch == position.epoch and position.batch == 0:
-                        state = reset_tally(state)
                     started_up = True
                 before = state
                 # The generators before this batch: a checkpoint of the last good state must
@@ -489,6 +485,7 @@ def fit(
             entry: dict[str, float] = {"epoch": epoch, "step": int(state.step)}
             entry["batches"] = counted
             entry.update(_epoch_means(state.slots[TALLY]))
+            state = reset_tally(state)  # so an epoch-end checkpoint is the next epoch's start
             if has_val:
                 assert val is not None
                 entry.update({f"val_{k}": x for k, x in evaluate(step, state, val).items()})

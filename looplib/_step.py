@@ -472,8 +472,8 @@ class Step:
         def run() -> tuple[LossOutput, Any]:
             with self._randomness(key) as mode, torch.set_grad_enabled(grad):
                 out = _as_loss_output(call_loss(self.loss_fn, self.model, batch, carry))
-            if mode is not None and self._draws is None:
-                self._draws = mode.draws > 0
+            if mode is not None and self._draws is None and self.model.training:
+                self._draws = mode.draws > 0  # learnt in train mode (eval has no dropout)
             if wrt is None:
                 return out, None
             if not out.loss.requires_grad:

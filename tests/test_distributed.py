@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import looplib as ll
+from looplib._step import Micro
 from looplib._distributed import (
     NOT_INITIALIZED,
     agree,
@@ -183,18 +184,20 @@ def worker_main(rank: int, world_size: int, init_method: str, out_dir: str) -> N
         before = {k: g.clone() for k, g in grads.items()}
         seen: dict[str, Any] = {}
 
-        def inner(s: ll.TrainState, g: dict[str, torch.Tensor], w: torch.Tensor) -> Any:
-            seen.update(grads=g, weight=w)
+        def inner(s: ll.TrainState, micro: Micro) -> Any:
+            seen.update(grads=micro.grads, weight=micro.weight, metrics=micro.metrics)
             return s
 
         stage = pmean()(ll.train_step(make_model(0), loss_fn, make_opt())).stages[0]
+        loss = torch.tensor(1.0 + rank, dtype=torch.float64)
         with CountAllReduce() as counter:
-            stage.wrap(inner)(state, grads, weight)
+            stage.wrap(inner)(state, Micro(grads, weight, {"loss": loss}))
         out["unit"] = {
             "grads_in": before,
             "untouched": all(torch.equal(grads[k], before[k]) for k in grads),
             "grads_out": seen["grads"],
             "weight_out": seen["weight"],
+            "loss_out": seen["metrics"]["loss"],
             "calls": counter.calls,
         }
 
@@ -320,6 +323,10 @@ def test_pmean_stage_is_the_weighted_mean_and_out_of_place(results):
         assert out["untouched"]
         assert out["calls"] == 2  # float64 bucket, float32 bucket (float32 + bfloat16)
         torch.testing.assert_close(out["weight_out"], torch.tensor(4.0))
+        # The loss rides in the same reduction: the whole batch's loss on every rank.
+        torch.testing.assert_close(
+            out["loss_out"], torch.tensor((3.0 * 1.0 + 1.0 * 2.0) / 4.0, dtype=torch.float64)
+        )
         for name, given_grad in units[0]["grads_in"].items():
             wide = sum(
                 w * u["grads_in"][name].double() for w, u in zip(weights, units, strict=True)

@@ -305,13 +305,16 @@ class Loss:
         self.nan_at = set(nan_at)
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if model.training and not torch.is_grad_enabled():
+            # The step's no-grad probe of the loss before its first update: not a call here.
+            return F.mse_loss(model(batch[0]), batch[1])
         self.calls += 1
         if self.calls in self.interrupt_at:
             self.interrupt_at.discard(self.calls)
             raise KeyboardInterrupt
         x, y = batch
         loss = F.mse_loss(model(x), y)
-        if model.training and torch.is_grad_enabled():  # not the step's no-grad probe
+        if model.training:
             self.train_calls += 1
             if self.train_calls in self.nan_at:
                 self.nan_at.discard(self.train_calls)
