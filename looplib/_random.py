@@ -65,12 +65,13 @@ class _Material:
     """The three 32-bit words ``a0, b, c`` derived from a key (0-d tensors)."""
 
     def __init__(self, key: Tensor) -> None:
-        lo = key & _M
-        hi = (key >> 32) & _M
-        w = _h(lo ^ _h(hi ^ torch.tensor([0x2545F491, 0x6A09E667], device=key.device)))
-        self.a0 = _h(w[0] ^ _h(w[1]))
-        self.b = _h(self.a0 ^ w[1] ^ 0x3C6EF372)
-        self.c = _h(self.b ^ w[0] ^ 0x510E527F)
+        # Python-int constants only: no tensor is copied from the host.
+        seed, counter = key[..., 0], key[..., 1]
+        w0 = _h((seed & _M) ^ _h(((seed >> 32) & _M) ^ 0x2545F491))
+        w1 = _h((counter & _M) ^ _h(((counter >> 32) & _M) ^ 0x6A09E667))
+        self.a0 = _h(w0 ^ _h(w1))
+        self.b = _h(self.a0 ^ w1 ^ 0x3C6EF372)
+        self.c = _h(self.b ^ w0 ^ 0x510E527F)
 
 
 class keyed(TorchFunctionMode):

@@ -98,7 +98,7 @@ def metric(x: Scalar, count: Tensor) -> Tensor:
     """A hyperparameter value as a 0-d tensor for ``hyperparams``."""
     if isinstance(x, Tensor):
         return x
-    return torch.tensor(x, dtype=torch.float32, device=count.device)
+    return torch.full((), x, dtype=torch.float32, device=count.device)  # a fill, no copy
 
 
 def lr_report(lr: Hyper) -> Callable[[Any], dict[str, Tensor]]:
@@ -261,5 +261,5 @@ def pow(base: Scalar, exponent: Scalar) -> Tensor:
     ``sqrt``, -0.5 as ``rsqrt``), which round differently; with a tensor exponent it does not."""
     if not isinstance(exponent, Tensor):
         assert isinstance(base, Tensor)
-        exponent = torch.tensor(exponent, dtype=base.dtype, device=base.device)
+        exponent = torch.full((), exponent, dtype=base.dtype, device=base.device)
     return torch.pow(base, exponent)
