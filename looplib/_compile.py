@@ -157,6 +157,9 @@ class CompiledStep:
     def check_structure(self, state: TrainState, func: str = "step") -> None:
         self.step.check_structure(state, func)
 
+    def check_output(self, before: TrainState, after: TrainState) -> None:
+        self.step.check_output(before, after)
+
     def __repr__(self) -> str:
         return f"compile({self.step!r}, mode={self.mode!r})"
 

@@ -191,8 +191,14 @@ def _weighted_mean(
             g = grads[n]
             out[n] = piece.view(g.shape).to(device=g.device, dtype=g.dtype)
     assert total is not None
-    metrics_out = {n: reduced[n].to(device=metrics[n].device, dtype=metrics[n].dtype) for n in names}
-    return {n: out[n] for n in grads}, total.to(device=weight.device, dtype=weight.dtype), metrics_out
+    metrics_out = {
+        n: reduced[n].to(device=metrics[n].device, dtype=metrics[n].dtype) for n in names
+    }
+    return (
+        {n: out[n] for n in grads},
+        total.to(device=weight.device, dtype=weight.dtype),
+        metrics_out,
+    )
 
 
 def pmean(group: Any = None) -> Transformer:
@@ -251,7 +257,9 @@ def pmean(group: Any = None) -> Transformer:
             if _require(name, group) == 1:
                 return inner(state, micro)
             grads, weight, metrics = _weighted_mean(micro.grads, micro.weight, micro.metrics, group)
-            return inner(state, micro._replace(grads=grads, weight=weight, metrics=metrics, norms=None))
+            return inner(
+                state, micro._replace(grads=grads, weight=weight, metrics=metrics, norms=None)
+            )
 
         return apply
 

@@ -426,7 +426,11 @@ def fit(
                     bar.update(first)
             for index, batch in enumerate(iterator, start=first):
                 if not started_up:
-                    state = step.init(state, batch)
+                    try:
+                        state = step.init(state, batch)
+                    except Exception as e:
+                        v.add_note(e, _batch_note(epoch, index, batch, first_layout))
+                        raise
                     if size > 1:
                         state = broadcast_state(state)
                     started_up = True

@@ -45,6 +45,8 @@ def drive(
     after: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Run a looplib step over ``batches`` a window at a time (see :func:`fold`)."""
+    if not isinstance(state, TrainState):
+        v.fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
     stream = iter(batches)
     first = next(stream, _END)
     if first is _END:
@@ -53,10 +55,13 @@ def drive(
     step.check_structure(state, func)
     position = step.position(state)
     work = own(state)
-    for group, start in step.groups(itertools.chain([first], stream), position):
+    for calls, (group, start) in enumerate(step.groups(itertools.chain([first], stream), position)):
         work = step.run(work, group, start, donate=True)
+        if calls == 0:  # every path a window can take runs in its first call
+            step.check_output(state, work)
         if after is not None:
             after(work)
+    step.check_output(state, work)
     step.check(work)
     return work
 

@@ -87,7 +87,9 @@ class keyed(TorchFunctionMode):
         self._material: _Material | None = None
 
     # -- raw numbers -----------------------------------------------------------------------
-    def bits(self, shape: torch.Size | tuple[int, ...], device: torch.device, stream: int = 0) -> Tensor:
+    def bits(
+        self, shape: torch.Size | tuple[int, ...], device: torch.device, stream: int = 0
+    ) -> Tensor:
         """Uniform 32-bit values (as ``int64``) of ``shape``, for this call's ``stream``."""
         if self._material is None:
             self._material = _Material(self.key)
@@ -169,7 +171,9 @@ def _draw(mode: keyed, fn: Callable[[], Tensor]) -> Tensor:
         mode.next_call()
 
 
-def _dropout(mode: keyed, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+def _dropout(
+    mode: keyed, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> Any:
     if not training or p == 0:
         return NotImplemented
     if p == 1:
@@ -191,7 +195,9 @@ def _channel_shape(input: Tensor, spatial: int) -> tuple[int, ...]:
 
 
 def _channels(spatial: int) -> Callable[..., Any]:
-    def impl(mode: keyed, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+    def impl(
+        mode: keyed, input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+    ) -> Any:
         if not training or p == 0:
             return NotImplemented
         shape = _channel_shape(input, spatial if spatial else max(input.dim() - 2, 0))
@@ -206,7 +212,9 @@ _SELU_ALPHA = 1.7580993408473766  # torch's alpha dropout constant: -SELU's alph
 
 
 def _alpha(feature: bool) -> Callable[..., Any]:
-    def impl(mode: keyed, input: Tensor, p: float = 0.5, training: bool = False, inplace: bool = False) -> Any:
+    def impl(
+        mode: keyed, input: Tensor, p: float = 0.5, training: bool = False, inplace: bool = False
+    ) -> Any:
         if not training or p == 0:
             return NotImplemented
         if p == 1:
@@ -232,9 +240,13 @@ def _size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(s) for s in size)
 
 
-def _factory(kwargs: dict[str, Any], default: torch.dtype | None = None) -> tuple[torch.dtype, torch.device]:
+def _factory(
+    kwargs: dict[str, Any], default: torch.dtype | None = None
+) -> tuple[torch.dtype, torch.device]:
     dtype = kwargs.get("dtype") or default or torch.get_default_dtype()
-    device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else torch.device("cpu")
+    device = (
+        torch.device(kwargs["device"]) if kwargs.get("device") is not None else torch.device("cpu")
+    )
     return dtype, device
 
 
@@ -272,10 +284,14 @@ def _randn_like(mode: keyed, input: Tensor, **kwargs: Any) -> Tensor:
     return _finish(_draw(mode, lambda: mode.normal(input.shape, dtype, device)), kwargs)
 
 
-def _integers(mode: keyed, low: int, high: int, shape: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _integers(
+    mode: keyed, low: int, high: int, shape: Any, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     span = int(high) - int(low)
     if span <= 0:
-        raise ValueError(f"random_: expects 'from' to be less than 'to', but got from={low} >= to={high}")
+        raise ValueError(
+            f"random_: expects 'from' to be less than 'to', but got from={low} >= to={high}"
+        )
 
     def draw() -> Tensor:
         if span <= 2**24:
@@ -311,13 +327,25 @@ def _randint_like(mode: keyed, input: Tensor, *args: Any, **kwargs: Any) -> Tens
 def _bernoulli(mode: keyed, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     p = kwargs.get("p", args[0] if args else None)
     probs = input if p is None else torch.full_like(input, float(p))
-    u = _draw(mode, lambda: mode.uniform(input.shape, torch.float64 if input.dtype == torch.float64 else torch.float32, input.device))
+    u = _draw(
+        mode,
+        lambda: mode.uniform(
+            input.shape,
+            torch.float64 if input.dtype == torch.float64 else torch.float32,
+            input.device,
+        ),
+    )
     return _finish((u < probs).to(input.dtype), kwargs)
 
 
 def _bernoulli_(mode: keyed, self: Tensor, p: Any = 0.5, **kwargs: Any) -> Tensor:
     probs = p if isinstance(p, torch.Tensor) else torch.full_like(self, float(p))
-    u = _draw(mode, lambda: mode.uniform(self.shape, torch.float64 if self.dtype == torch.float64 else torch.float32, self.device))
+    u = _draw(
+        mode,
+        lambda: mode.uniform(
+            self.shape, torch.float64 if self.dtype == torch.float64 else torch.float32, self.device
+        ),
+    )
     return self.copy_((u < probs).to(self.dtype))
 
 
@@ -327,13 +355,20 @@ def _uniform_(mode: keyed, self: Tensor, a: float = 0.0, b: float = 1.0, **kwarg
     return self.copy_(u * (b - a) + a)
 
 
-def _normal_(mode: keyed, self: Tensor, mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> Tensor:
+def _normal_(
+    mode: keyed, self: Tensor, mean: float = 0.0, std: float = 1.0, **kwargs: Any
+) -> Tensor:
     z = _draw(mode, lambda: mode.normal(self.shape, self.dtype, self.device))
     return self.copy_(z * std + mean)
 
 
 def _exponential_(mode: keyed, self: Tensor, lambd: float = 1.0, **kwargs: Any) -> Tensor:
-    u = _draw(mode, lambda: mode.uniform(self.shape, torch.float64 if self.dtype == torch.float64 else torch.float32, self.device))
+    u = _draw(
+        mode,
+        lambda: mode.uniform(
+            self.shape, torch.float64 if self.dtype == torch.float64 else torch.float32, self.device
+        ),
+    )
     return self.copy_((-torch.log1p(-u) / lambd).to(self.dtype))
 
 
@@ -341,7 +376,9 @@ def _normal(mode: keyed, mean: Any, std: Any = 1.0, *args: Any, **kwargs: Any) -
     size = kwargs.pop("size", args[0] if args else None)
     if isinstance(mean, torch.Tensor) or isinstance(std, torch.Tensor):
         ref = mean if isinstance(mean, torch.Tensor) else std
-        shape = torch.broadcast_shapes(ref.shape, std.shape if isinstance(std, torch.Tensor) else ())
+        shape = torch.broadcast_shapes(
+            ref.shape, std.shape if isinstance(std, torch.Tensor) else ()
+        )
         z = _draw(mode, lambda: mode.normal(shape, ref.dtype, ref.device))
         return _finish(z * std + mean, kwargs)
     dtype, device = _factory(kwargs)
@@ -355,7 +392,9 @@ def _randperm(mode: keyed, n: int, **kwargs: Any) -> Tensor:
     return _finish(torch.argsort(keys).to(dtype), kwargs)
 
 
-def _multinomial(mode: keyed, input: Tensor, num_samples: int, replacement: bool = False, **kwargs: Any) -> Tensor:
+def _multinomial(
+    mode: keyed, input: Tensor, num_samples: int, replacement: bool = False, **kwargs: Any
+) -> Tensor:
     probs = input / input.sum(-1, keepdim=True)
     if replacement:
         shape = (*input.shape[:-1], int(num_samples))
@@ -371,7 +410,14 @@ def _multinomial(mode: keyed, input: Tensor, num_samples: int, replacement: bool
     return _finish(torch.topk(scores, int(num_samples), dim=-1).indices, kwargs)
 
 
-def _rrelu(mode: keyed, input: Tensor, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False, inplace: bool = False) -> Any:
+def _rrelu(
+    mode: keyed,
+    input: Tensor,
+    lower: float = 1.0 / 8,
+    upper: float = 1.0 / 3,
+    training: bool = False,
+    inplace: bool = False,
+) -> Any:
     if not training:
         return NotImplemented
     u = _draw(mode, lambda: mode.uniform(input.shape, input.dtype, input.device))

@@ -124,4 +124,4 @@ def skip_nonfinite(max_consecutive: int = 10) -> Transformer:
                 state,
             )
 
-    return stage_transformer(Stage(name, wrap, init=init, slot=SLOT, check=check))
+    return stage_transformer(Stage(name, wrap, init=init, slot=SLOT, check=check, holds=True))

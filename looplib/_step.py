@@ -39,7 +39,7 @@ from torch import nn
 from . import _random
 from . import _validate as v
 from ._swap import Swapper
-from ._tree import detach, select, shapes_only, structure_difference
+from ._tree import StructureChange, detach, select, shapes_only, structure_difference
 from ._types import Metrics, Optimizer, Params, Tensor, TrainState, describe
 
 RNG = _random.SLOT
@@ -122,7 +122,9 @@ class Stage(NamedTuple):
     their dtypes) whenever a slot is missing, else ``None``. ``flush(state, inner) -> state`` ends a pending
     accumulation window. ``window`` is how many micro-batches make one update (``accumulate``).
     ``check(state)`` is a host-side check that ``fold`` and ``fit`` run where they read the
-    state anyway (the step itself never reads a device value).
+    state anyway (the step itself never reads a device value). ``holds`` says the stage may
+    hold a gradient back on a tensor condition (``skip_nonfinite``), so that a window after it
+    cannot count its micro-batches in Python.
     """
 
     name: str
@@ -132,6 +134,7 @@ class Stage(NamedTuple):
     slot: str | None = None
     window: int = 1
     check: Callable[[TrainState], None] | None = None
+    holds: bool = False
 
 
 class Split(NamedTuple):
@@ -298,6 +301,10 @@ class Step:
         self.donate = donate
         self.ensemble = ensemble
         self.window = max((s.window for s in stages), default=1)
+        # A stage before the window that may hold a gradient back on a tensor condition
+        # (skip_nonfinite) makes the window's position a tensor fact, not a Python one.
+        before_window = next((i for i, s in enumerate(stages) if s.window > 1), 0)
+        self._positions_known = not any(s.holds for s in stages[:before_window])
         self._swapper = Swapper(model)
         self._param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         # Whether the loss draws random numbers: learned on the first call, which runs under
@@ -420,7 +427,9 @@ class Step:
             )
         if self._known is not None and signature[0] == self._known[0]:
             # Same containers; a leaf changed shape or dtype.
-            raise ValueError(f"{func}(state=...): {_leaf_difference(self._reference, state)}. {STRUCTURE_HELP}")
+            raise ValueError(
+                f"{func}(state=...): {_leaf_difference(self._reference, state)}. {STRUCTURE_HELP}"
+            )
         self._known = signature
         self._reference = shapes_only(state)
 
@@ -484,7 +493,9 @@ class Step:
                     "gradient: was it detached, or computed under torch.no_grad?)",
                     out.loss,
                 )
-            return out, torch.autograd.grad(out.loss, wrt, allow_unused=True, materialize_grads=True)
+            return out, torch.autograd.grad(
+                out.loss, wrt, allow_unused=True, materialize_grads=True
+            )
 
         (out, grads), buffers = self._swapper.call(params, buffers, run)
         return out, grads, buffers
@@ -542,9 +553,12 @@ class Step:
     def apply_micro(self, state: TrainState, micro: Micro) -> TrainState:
         """The gradient stages and the optimizer (each ensemble member on its own under
         :func:`looplib.vmap`)."""
-        if self.ensemble is not None:
-            return self.ensemble.lift(self.apply, state, micro)
-        return self.apply(state, micro)
+        try:
+            if self.ensemble is not None:
+                return self.ensemble.lift(self.apply, state, micro)
+            return self.apply(state, micro)
+        except StructureChange as change:  # from a select between two paths of the step
+            raise ValueError(f"{self!r}: {change}. {STRUCTURE_HELP}") from None
 
     def _optimizer_apply(self, state: TrainState, micro: Micro) -> TrainState:
         if micro.inplace and self.opt.update_ is not None:
@@ -554,7 +568,9 @@ class Step:
         metrics = {**state.metrics, **micro.metrics, "weight": micro.weight}
         if self.opt.hyperparams is not None:
             metrics.update(self.opt.hyperparams(opt_state))
-        return state._replace(params=params, opt_state=opt_state, step=state.step + 1, metrics=metrics)
+        return state._replace(
+            params=params, opt_state=opt_state, step=state.step + 1, metrics=metrics
+        )
 
     def evaluate(self, state: TrainState, batch: Any) -> Metrics:
         """The loss metrics of one batch in eval mode, without gradients (as tensors).
@@ -602,7 +618,7 @@ class Step:
         it from the state's tensors. ``donate`` lets the optimizer write into ``state`` (the
         caller will not use it again). The state must be complete (see :meth:`init`).
         """
-        position = start
+        position = start if self._positions_known else None
         inplace = self.donate or donate
         for batch in batches:
             carry = NO_CARRY if self.split is None else None
@@ -618,6 +634,7 @@ class Step:
         return state
 
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
+        _check_state("step", state)
         state = self.init(state, batch)
         self.check_structure(state)
         new = self.run(state, (batch,))
@@ -696,7 +713,7 @@ def _signature(state: TrainState) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _leaf_difference(reference: Any, state: TrainState) -> str:
-    bad = structure_difference(reference, shapes_only(state))
+    bad = structure_difference(reference, shapes_only(state), devices=False)
     return bad if bad is not None else "the state changed"
 
 
@@ -812,7 +829,7 @@ def train_step(
         >>> step = ll.train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), opt)
         >>> state = step(ll.init(model, opt), (torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
         >>> int(state.step), sorted(state.metrics)
-        (1, ['loss', 'weight'])
+        (1, ['loss', 'lr', 'weight'])
     """
     if not isinstance(model, nn.Module):
         v.fail("train_step", "model", "must be a torch.nn.Module", model, exc=TypeError)

@@ -88,6 +88,9 @@ def tally() -> Stage:
 
 def means(tally: Tally) -> dict[str, Tensor]:
     """The epoch's averages as 0-d tensors: loss-side by weight, the others by update."""
-    out = {k: s / tally.weight.clamp(min=torch.finfo(torch.float32).tiny) for k, s in tally.weighted.items()}
+    out = {
+        k: s / tally.weight.clamp(min=torch.finfo(torch.float32).tiny)
+        for k, s in tally.weighted.items()
+    }
     out.update({k: s / tally.updates.clamp(min=1) for k, s in tally.per_update.items()})
     return out

@@ -17,11 +17,28 @@ def zeros_like(params: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in params.items()}
 
 
+class StructureChange(ValueError):
+    """A tree changed its structure, shape or dtype where it must not; the message is the path
+    and the change (the step adds its own name)."""
+
+
 def select(pred: Tensor, if_true: Any, if_false: Any) -> Any:
     """Leafwise ``torch.where(pred, a, b)`` over two trees of one structure: a branch without a
-    host sync, for compiled steps."""
+    host sync. Trees that differ in structure, shape or dtype are an error naming the path
+    (``torch.where`` would promote or broadcast them silently)."""
     # torch's own pytree functions, which every compiler release can trace.
-    return torch.utils._pytree.tree_map(lambda a, b: torch.where(pred, a, b), if_true, if_false)
+    flat_true, spec = torch.utils._pytree.tree_flatten(if_true)
+    flat_false, other = torch.utils._pytree.tree_flatten(if_false)
+    if spec != other or any(
+        not isinstance(a, torch.Tensor)
+        or not isinstance(b, torch.Tensor)
+        or a.shape != b.shape
+        or a.dtype != b.dtype
+        for a, b in zip(flat_true, flat_false, strict=True)
+    ):
+        raise StructureChange(structure_difference(if_false, if_true, devices=False) or "")
+    chosen = [torch.where(pred, a, b) for a, b in zip(flat_true, flat_false, strict=True)]
+    return torch.utils._pytree.tree_unflatten(chosen, spec)
 
 
 def detach(tree: Any) -> Any:
@@ -104,9 +121,11 @@ def _kind(x: Any) -> str:
     return type(x).__name__
 
 
-def structure_difference(before: Any, after: Any, root: str = "state") -> str | None:
+def structure_difference(
+    before: Any, after: Any, root: str = "state", *, devices: bool = True
+) -> str | None:
     """Describe the first place where ``after`` differs from ``before`` in structure, shape or
-    dtype, or return ``None`` when they agree."""
+    dtype (and device, with ``devices``), or return ``None`` when they agree."""
     a = leaves_by_path(before, root)
     b = leaves_by_path(after, root)
     for path in a:
@@ -119,10 +138,10 @@ def structure_difference(before: Any, after: Any, root: str = "state") -> str | 
         y = b[path]
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return f"{path} changed from {_kind(x)} to {_kind(y)}"
-        if isinstance(x, torch.Tensor) and (
-            x.shape != y.shape or x.dtype != y.dtype or x.device != y.device
-        ):
-            return f"{path} changed from {_kind(x)} on {x.device} to {_kind(y)} on {y.device}"
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
+            return f"{path} changed from {_kind(x)} to {_kind(y)}"
+        if devices and isinstance(x, torch.Tensor) and x.device != y.device:
+            return f"{path} moved from {x.device} to {y.device}"
     if optree.tree_structure(before, none_is_leaf=True) != optree.tree_structure(
         after, none_is_leaf=True
     ):

@@ -101,7 +101,13 @@ class Ensemble(NamedTuple):
         with torch.set_grad_enabled(grad):
             loss, metrics, buffers, new_carry = torch.func.vmap(
                 one, in_dims=in_dims, randomness="error"
-            )(params, list(state.buffers.values()), state.slots[RNG], batch, carry if has_carry else None)
+            )(
+                params,
+                list(state.buffers.values()),
+                state.slots[RNG],
+                batch,
+                carry if has_carry else None,
+            )
         return params, loss, metrics, buffers, (None if new_carry == () else new_carry)
 
     def gradient(self, step: Step, state: TrainState, batch: Any, carry: Any) -> GradOut:

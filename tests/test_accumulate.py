@@ -75,8 +75,9 @@ def test_accumulate_track_clip_matches_the_imperative_loop() -> None:
     assert_params_close(state, ref)
     totals = [float(m["grad_2.0_norm_total"]) for m in expected]
     assert min(totals) < max_norm < max(totals), "the test should clip some updates, not all"
-    for w, want in enumerate(expected):
-        got = metrics[(w + 1) * k - 1]
+    # scan hands a looplib step whole windows: one metrics entry per update.
+    assert len(metrics) == len(expected)
+    for got, want in zip(metrics, expected, strict=True):
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=key)
 
@@ -94,8 +95,9 @@ def test_accumulate_1_is_the_identity(sizes: list[int], seed: int, adam: bool) -
     opt = ll.optim.adam(0.05) if adam else ll.optim.sgd(0.1, momentum=0.5)
     base = ll.train_step(model, mse, opt)
     batches = regression_batches(sizes, seed=seed)
-    want = ll.fold(base, ll.init(model, opt), batches)
-    got = ll.fold(ll.accumulate(1)(base), ll.init(model, opt), batches)
+    # Randomness is keyed by the state: the two runs start from the same key.
+    want = ll.fold(base, ll.init(model, opt, seed=seed), batches)
+    got = ll.fold(ll.accumulate(1)(base), ll.init(model, opt, seed=seed), batches)
     assert_trees_equal(got, want)
 
 
@@ -183,9 +185,10 @@ def test_nothing_but_the_slot_moves_inside_a_window(k: int, seed: int, adam: boo
     lr = lambda count: 0.1 / (1.0 + count.double())  # noqa: E731
     opt = ll.optim.adam(lr) if adam else ll.optim.sgd(lr, momentum=0.9)
     step = ll.accumulate(k)(ll.train_step(model, mse, opt))
-    start = step.init(ll.init(model, opt))
+    batches = regression_batches([3] * (k - 1), seed=seed)
+    start = step.init(ll.init(model, opt), batches[0])
     state = start
-    for i, batch in enumerate(regression_batches([3] * (k - 1), seed=seed)):
+    for i, batch in enumerate(batches):
         state = assert_pure(step, state, batch)
         assert_trees_equal(state.params, start.params)
         assert_trees_equal(state.opt_state, start.opt_state)
@@ -231,6 +234,120 @@ def test_a_stream_is_cut_into_consecutive_windows(sizes: list[int], k: int, seed
     assert float(got.slots["accumulate"].weight) == sum(sizes[len(windows) * k :])
     assert_trees_close(got.params, want.params)
     assert_trees_close(got.opt_state, want.opt_state)
+
+
+# --------------------------------------------------------------------------- metrics and paths
+
+
+def mse_with_mae(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    x, y = batch
+    pred = model(x)
+    return torch.nn.functional.mse_loss(pred, y), {"mae": (pred - y).abs().mean()}
+
+
+@pytest.mark.parametrize("driver", ["fold", "calls"])
+def test_the_metrics_are_the_window_mean_weighted_by_samples(driver: str) -> None:
+    """Micro-batches of 4 and 12 samples with losses L1, L2 (at the window's params): while the
+    window is open the metrics are those of the micro-batches so far; once it closes, the
+    weighted mean ``(4 L1 + 12 L2) / 16``, with ``weight`` the window's total."""
+    model = mlp(seed=3)
+    opt = ll.optim.sgd(0.1)
+    base = ll.train_step(model, mse_with_mae, opt)
+    step = ll.accumulate(2)(base)
+    micro = regression_batches([4, 12], seed=7)
+    start = ll.init(model, opt, seed=1)
+    with torch.no_grad():
+        parts = [mse_with_mae(model, b) for b in micro]
+    (l1, m1), (l2, m2) = parts
+
+    opened = ll.fold(step, start, micro[:1]) if driver == "fold" else step(start, micro[0])
+    assert int(opened.step) == 0
+    assert float(opened.metrics["weight"]) == 4
+    torch.testing.assert_close(opened.metrics["loss"], l1, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opened.metrics["mae"], m1["mae"], rtol=1e-12, atol=0)
+
+    closed = ll.fold(step, start, micro) if driver == "fold" else step(opened, micro[1])
+    assert int(closed.step) == 1
+    assert float(closed.metrics["weight"]) == 16
+    torch.testing.assert_close(closed.metrics["loss"], (4 * l1 + 12 * l2) / 16, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        closed.metrics["mae"], (4 * m1["mae"] + 12 * m2["mae"]) / 16, rtol=1e-12, atol=0
+    )
+    # And not the plain mean of the two micro-batches, nor the last one's.
+    assert not torch.allclose(closed.metrics["loss"], (l1 + l2) / 2)
+    assert not torch.allclose(closed.metrics["loss"], l2)
+    # The slot holds the window's sums while it is open, and zeros once it closed.
+    torch.testing.assert_close(
+        opened.slots["accumulate"].metrics["loss"], 4 * l1, rtol=1e-12, atol=0
+    )
+    assert all(not m.any() for m in closed.slots["accumulate"].metrics.values())
+
+
+def _dropout_chain(k: int):
+    model = mlp(seed=4, dropout=0.3, batchnorm=True)
+    opt = ll.optim.adam(0.05)
+    step = ll.chain(ll.accumulate(k), ll.track_norm(2), ll.clip(0.5))(
+        ll.train_step(model, mse, opt)
+    )
+    return model, opt, step
+
+
+@given(
+    k=st.integers(2, 4),
+    sizes=st.lists(st.integers(2, 5), min_size=1, max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_equals_running_the_windows_of_step_groups(k: int, sizes: list[int], seed: int):
+    """fold hands the step whole windows: ``step.run`` over ``step.groups`` (an open window at
+    the end stays open), bit for bit, dropout included."""
+    model, opt, step = _dropout_chain(k)
+    batches = regression_batches(sizes, seed=seed)
+    start = ll.init(model, opt, seed=seed)
+    got = ll.fold(step, start, batches)
+
+    want = step.init(start, batches[0])
+    groups = list(step.groups(batches, 0))
+    assert [len(g) for g, _ in groups] == [k] * (len(sizes) // k) + (
+        [len(sizes) % k] if len(sizes) % k else []
+    )
+    assert all(first == 0 for _, first in groups)
+    for group, first in groups:
+        want = step.run(want, group, first)
+    assert_trees_equal(got, want)
+    assert int(got.step) == len(sizes) // k
+    assert int(got.slots["accumulate"].count) == len(sizes) % k
+
+
+@given(
+    k=st.integers(2, 4),
+    sizes=st.lists(st.integers(2, 5), min_size=1, max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_lone_calls_equal_fold_bit_for_bit(k: int, sizes: list[int], seed: int) -> None:
+    """A lone ``step(state, batch)`` closes the window by a tensor select, fold by a Python
+    fact: the same states, bit for bit (params, optimizer state, slots, metrics, key)."""
+    model, opt, step = _dropout_chain(k)
+    batches = regression_batches(sizes, seed=seed)
+    start = ll.init(model, opt, seed=seed)
+    folded = ll.fold(step, start, batches)
+    state = start
+    for batch in batches:
+        state = step(state, batch)
+    assert_trees_equal(state, folded)
+    # And after flushing a partial window.
+    assert_trees_equal(step.flush(state), step.flush(folded))
+
+
+def test_a_fold_may_start_inside_a_window() -> None:
+    """A state whose window is open (from a lone call) folds on from its position."""
+    model, opt, step = _dropout_chain(3)
+    batches = regression_batches([2, 3, 4, 5, 2, 2, 3], seed=9)
+    start = ll.init(model, opt, seed=0)
+    whole = ll.fold(step, start, batches)
+    opened = step(start, batches[0])
+    assert step.position(opened) == 1
+    assert [first for _, first in step.groups(batches[1:], 1)] == [1, 0, 0]
+    assert_trees_equal(ll.fold(step, opened, batches[1:]), whole)
 
 
 # --------------------------------------------------------------------------- partial windows
@@ -298,9 +415,13 @@ def test_flush_of_an_empty_window_changes_nothing(partial: str) -> None:
     opt = ll.optim.sgd(0.1)
     step = ll.accumulate(2, partial=partial)(ll.train_step(model, mse, opt))
     state = ll.fold(step, ll.init(model, opt), regression_batches([3, 3]))
+    assert int(state.slots["accumulate"].count) == 0
     assert_trees_equal(step.flush(state), state)
     fresh = ll.init(model, opt)
-    assert_trees_equal(step.flush(fresh), step.init(fresh))
+    # A state without the slot has nothing to flush: the identity.
+    assert_trees_equal(step.flush(fresh), fresh)
+    ready = step.init(fresh, regression_batch(3))
+    assert_trees_equal(step.flush(ready), ready)
 
 
 def test_flush_without_accumulate_changes_nothing() -> None:
@@ -376,7 +497,8 @@ def test_token_weights_make_accumulation_a_token_mean(shapes, data, seed: int) -
     step = ll.train_step(model, token_mean_loss, opt)
     one = step(ll.init(model, opt), whole)
     acc = ll.fold(ll.accumulate(len(micro))(step), ll.init(model, opt), micro)
-    assert float(acc.metrics["weight"]) == int(micro[-1][2].sum())
+    # The window's weight is its total number of tokens.
+    assert float(acc.metrics["weight"]) == sum(int(m[2].sum()) for m in micro)
     assert_trees_close(acc.params, one.params)
 
 

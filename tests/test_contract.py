@@ -2,7 +2,11 @@
 
 * the step never changes its input (no tensor of the state changes value or is written in
   place), with BatchNorm in train mode and Dropout in the model;
-* the output has the input's treespec, shapes and dtypes, on every call and after ``flush``;
+* ``step.init(state, batch)`` completes the structure: every output (every call, ``fold``,
+  ``flush``) has exactly its treespec, shapes and dtypes, metrics and slots included;
+* ``fold`` equals the per-call loop bit for bit, and never writes into the caller's state;
+* the same state gives the same result (randomness is keyed by the state), and the global
+  generator is never touched;
 * applying a transformer builds a new step and leaves the old one alone;
 * bad arguments raise at construction with ``func(arg=value): arg <rule>, got <value>.``;
 * a stage that breaks the structure is caught, and the error names the path.
@@ -19,11 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import looplib as ll
-from looplib._step import Stage
+from looplib._step import Micro, Stage
 from looplib._transform import stage_transformer
 from tests.helpers import (
     assert_pure,
     assert_same_structure,
+    assert_snapshot_unchanged,
     assert_trees_equal,
     mlp,
     mse,
@@ -32,6 +37,7 @@ from tests.helpers import (
     sequence_batch,
     sequence_loss,
     sequence_model,
+    snapshot,
 )
 
 TRANSFORMERS = {
@@ -62,17 +68,24 @@ OPTIMIZERS = {
 
 
 def run_contract(step: ll.Step, state: ll.TrainState, batches: list) -> ll.TrainState:
-    """Every call is pure and keeps the structure of ``step.init(state)``; so does ``flush``."""
-    reference = None
+    """``step.init`` is pure and completes the structure; every call is pure and keeps that
+    structure; so does ``flush``; ``fold`` equals the calls bit for bit and leaves its input
+    alone; nothing touches the global generator."""
+    global_rng = torch.random.get_rng_state()
+    reference = assert_pure(step.init, state, batches[0])
+    assert_trees_equal(step.init(reference), reference)  # idempotent
+    start = state
     for batch in batches:
         new = assert_pure(step, state, batch)
-        if reference is None:
-            reference = new  # metrics are filled on the first call
-            assert_same_structure(new._replace(metrics={}), step.init(state)._replace(metrics={}))
         assert_same_structure(new, reference)
         state = new
+    snap = snapshot(start)
+    folded = ll.fold(step, start, batches)
+    assert_snapshot_unchanged(snap)
+    assert_trees_equal(folded, state)
     flushed = assert_pure(lambda s, _: step.flush(s), state, None)
     assert_same_structure(flushed, reference)
+    assert torch.equal(torch.random.get_rng_state(), global_rng)
     return flushed
 
 
@@ -106,11 +119,12 @@ def test_the_same_state_and_seed_give_the_same_result(name: str) -> None:
     opt = ll.optim.adam(0.05)
     step = TRANSFORMERS[name]()(ll.train_step(model, sequence_loss, opt))
     batches = [sequence_batch(t=4, seed=i) for i in range(3)]
-    torch.manual_seed(3)
-    a = ll.fold(step, ll.init(model, opt), batches)
-    torch.manual_seed(3)
-    b = ll.fold(step, ll.init(model, opt), batches)
+    a = ll.fold(step, ll.init(model, opt, seed=3), batches)
+    torch.manual_seed(99)  # the global generator plays no part
+    b = ll.fold(step, ll.init(model, opt, seed=3), batches)
     assert_trees_equal(a, b)
+    start = ll.init(model, opt)
+    assert_trees_equal(ll.fold(step, start, batches), ll.fold(step, start, batches))
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMERS))
@@ -181,10 +195,9 @@ def test_chain_of_nothing_is_the_identity() -> None:
     opt = ll.optim.sgd(0.1)
     base = ll.train_step(model, sequence_loss, opt)
     batches = [sequence_batch(seed=i) for i in range(3)]
-    torch.manual_seed(0)
-    want = ll.fold(base, ll.init(model, opt), batches)
-    torch.manual_seed(0)
-    got = ll.fold(ll.chain()(base), ll.init(model, opt), batches)
+    start = ll.init(model, opt)
+    want = ll.fold(base, start, batches)
+    got = ll.fold(ll.chain()(base), start, batches)
     assert_trees_equal(got, want)
     assert repr(ll.chain()) == "chain()"
 
@@ -200,9 +213,10 @@ def test_chain_is_associative() -> None:
     nested = a(b(c(base)))
     assert repr(flat) == repr(left) == repr(right) == repr(nested)
     batches = regression_batches([3, 4, 5, 6])
-    want = ll.fold(flat, ll.init(model, opt), batches)
+    start = ll.init(model, opt)
+    want = ll.fold(flat, start, batches)
     for other in (left, right, nested):
-        assert_trees_equal(ll.fold(other, ll.init(model, opt), batches), want)
+        assert_trees_equal(ll.fold(other, start, batches), want)
 
 
 @pytest.mark.parametrize(
@@ -278,8 +292,8 @@ def custom_stage(name: str, change) -> ll.Transformer:
     """A gradient stage that runs the rest of the chain, then edits the resulting state."""
 
     def wrap(inner):
-        def apply(state, grads, weight):
-            return change(inner(state, grads, weight))
+        def apply(state: ll.TrainState, micro: Micro) -> ll.TrainState:
+            return change(inner(state, micro))
 
         return apply
 
@@ -299,8 +313,8 @@ def _params(state, **changes):
 STRUCTURE_ERRORS = {
     "dtype": (
         lambda s: s._replace(params={**s.params, "0.weight": s.params["0.weight"].float()}),
-        "state.params['0.weight'] changed from Tensor(shape=(6, 4), dtype=torch.float64) on cpu "
-        "to Tensor(shape=(6, 4), dtype=torch.float32) on cpu",
+        "state.params['0.weight'] changed from Tensor(shape=(6, 4), dtype=torch.float64) "
+        "to Tensor(shape=(6, 4), dtype=torch.float32)",
     ),
     "dropped key": (
         lambda s: s._replace(params={k: v for k, v in s.params.items() if k != "0.bias"}),
@@ -309,8 +323,8 @@ STRUCTURE_ERRORS = {
     ),
     "shape": (
         lambda s: s._replace(params={**s.params, "2.bias": s.params["2.bias"].reshape(1, 1)}),
-        "state.params['2.bias'] changed from Tensor(shape=(1,), dtype=torch.float64) on cpu to "
-        "Tensor(shape=(1, 1), dtype=torch.float64) on cpu",
+        "state.params['2.bias'] changed from Tensor(shape=(1,), dtype=torch.float64) to "
+        "Tensor(shape=(1, 1), dtype=torch.float64)",
     ),
     "new slot": (
         lambda s: s._replace(slots={**s.slots, "mine": torch.zeros(())}),
@@ -319,8 +333,8 @@ STRUCTURE_ERRORS = {
     ),
     "step dtype": (
         lambda s: s._replace(step=s.step.float()),
-        "state.step changed from Tensor(shape=(), dtype=torch.int64) on cpu to "
-        "Tensor(shape=(), dtype=torch.float32) on cpu",
+        "state.step changed from Tensor(shape=(), dtype=torch.int64) to "
+        "Tensor(shape=(), dtype=torch.float32)",
     ),
     "tensor to number": (
         lambda s: s._replace(step=int(s.step)),
@@ -330,7 +344,9 @@ STRUCTURE_ERRORS = {
 
 
 @pytest.mark.parametrize("kind", sorted(STRUCTURE_ERRORS))
-def test_a_stage_that_breaks_the_structure_is_named(kind: str) -> None:
+@pytest.mark.parametrize("driver", ["call", "fold"])
+def test_a_stage_that_breaks_the_structure_is_named(driver: str, kind: str) -> None:
+    """The same error from a lone call and from fold (which runs whole windows)."""
     change, where = STRUCTURE_ERRORS[kind]
     model = mlp()
     opt = ll.optim.sgd(0.1)
@@ -343,17 +359,21 @@ def test_a_stage_that_breaks_the_structure_is_named(kind: str) -> None:
         + re.escape(
             f"chain(track_norm(2.0), breaker)(train_step(Sequential, mse)): {where}. A step must "
             "return a state with exactly the structure, shapes and dtypes it received; check the "
-            "transformer or loss function that writes this entry."
+            "transformer, optimizer or loss function that writes this entry."
         )
         + "$",
     ):
-        step(ll.init(model, opt), regression_batch(3))
+        if driver == "call":
+            step(ll.init(model, opt), regression_batch(3))
+        else:
+            ll.fold(step, ll.init(model, opt), regression_batches([3, 3]))
 
 
 def test_a_change_on_a_later_call_is_caught_too() -> None:
-    """Under accumulate(2) the optimizer first runs on the second call; an optimizer that
-    returns float32 params for float64 ones must still be caught, naming the path (the check
-    once only looked at the tree's structure after the first call)."""
+    """Under accumulate(2) a lone call computes both the held and the applied window and
+    selects: an optimizer that returns float32 params for float64 ones is caught on the first
+    call already (torch.where would promote silently), and fold catches it on the first window,
+    naming the path either way."""
     base = ll.optim.sgd(0.1)
 
     def update(grads, opt_state, params):
@@ -363,24 +383,39 @@ def test_a_change_on_a_later_call_is_caught_too() -> None:
     opt = ll.Optimizer(base.init, update)
     model = mlp()
     step = ll.accumulate(2)(ll.train_step(model, mse, opt))
-    state = step(ll.init(model, opt), regression_batch(3))
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "chain(accumulate(2))(train_step(Sequential, mse)): state.params['0.weight'] changed "
-            "from Tensor(shape=(6, 4), dtype=torch.float64) on cpu to Tensor(shape=(6, 4), "
-            "dtype=torch.float32) on cpu."
-        ),
-    ):
-        step(state, regression_batch(3))
+    message = re.escape(
+        "chain(accumulate(2))(train_step(Sequential, mse)): state.params['0.weight'] changed "
+        "from Tensor(shape=(6, 4), dtype=torch.float64) to Tensor(shape=(6, 4), "
+        "dtype=torch.float32)."
+    )
+    with pytest.raises(ValueError, match=message):
+        step(ll.init(model, opt), regression_batch(3))
+    with pytest.raises(ValueError, match=message):
+        ll.fold(step, ll.init(model, opt), [regression_batch(3)] * 2)
 
 
-def test_a_state_of_another_dtype_is_not_an_error() -> None:
-    """The check compares a call's output with its own input, not with earlier calls."""
+def test_a_state_of_another_dtype_is_refused_by_a_step_that_saw_another() -> None:
+    """The input is checked against the states the step has seen: a step that ran float64
+    states refuses a float32 one, naming the path; a step of its own takes it."""
     model = mlp()
     opt = ll.optim.sgd(0.1)
     step = ll.clip(1.0)(ll.train_step(model, mse, opt))
     step(ll.init(model, opt), regression_batch(3))
     model32 = mlp(dtype=torch.float32)
-    state = step(ll.init(model32, opt), regression_batch(3, dtype=torch.float32))
+    state32 = ll.init(model32, opt)
+    batch32 = regression_batch(3, dtype=torch.float32)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "step(state=...): state.params['0.weight'] changed from Tensor(shape=(6, 4), "
+            "dtype=torch.float64) to Tensor(shape=(6, 4), dtype=torch.float32). A "
+            "step must return a state with exactly the structure, shapes and dtypes it received; "
+            "check the transformer, optimizer or loss function that writes this entry."
+        )
+        + "$",
+    ):
+        step(step.init(state32, batch32), batch32)
+    own = ll.clip(1.0)(ll.train_step(model32, mse, opt))
+    state = own(state32, batch32)
     assert state.params["0.weight"].dtype == torch.float32

@@ -49,14 +49,42 @@ def test_donating_equals_the_pure_step_bit_for_bit(
     m, opt = model(), OPTIMIZERS[name]()
     stages = [ll.accumulate(k), ll.track_norm(2)] + ([ll.clip(clip)] if clip else [])
     pure = ll.chain(*stages)(ll.train_step(m, ce, opt))
-    pure_state = ll.fold(pure, ll.init(m, opt), data(n))
-    donated_state = ll.fold(ll.donate(pure), ll.init(m, opt), data(n))
-    for a, b in zip(
-        torch.utils._pytree.tree_leaves(pure_state),
-        torch.utils._pytree.tree_leaves(donated_state),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    start = ll.init(m, opt)  # one key for every run
+    pure_state = ll.fold(pure, start, data(n))
+    donated = ll.donate(pure)
+    donated_state = ll.fold(donated, start, data(n))
+    # The donating step called batch by batch (the window closed by a select), on a copy.
+    state = _copy(start)
+    for batch in data(n):
+        state = donated(state, batch)
+    for other in (donated_state, state):
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(pure_state),
+            torch.utils._pytree.tree_leaves(other),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _copy(state: ll.TrainState) -> ll.TrainState:
+    return torch.utils._pytree.tree_map(
+        lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fold_never_writes_into_the_callers_state(k: int) -> None:
+    """fold donates only the states it made itself, even for a donating step."""
+    m, opt = model(), ll.optim.adam(1e-2)
+    step = ll.donate(ll.chain(ll.accumulate(k), ll.clip(0.5))(ll.train_step(m, ce, opt)))
+    start = ll.init(m, opt)
+    leaves = torch.utils._pytree.tree_leaves(start)
+    versions = [x._version for x in leaves]
+    values = [x.clone() for x in leaves]
+    out = ll.fold(step, start, data(5))
+    assert int(out.step) == 5 // k
+    assert [x._version for x in leaves] == versions
+    assert all(torch.equal(x, v) for x, v in zip(leaves, values, strict=True))
 
 
 def test_the_update_lands_in_the_input_tensors() -> None:

@@ -131,12 +131,31 @@ def test_packed_tbptt_matches_the_imperative_loop(cell: str, k: int) -> None:
     chunks = imperative(ref, batches, 0.2, k=k)
     assert int(state.step) == chunks == sum(-(-max(g) // k) for g in LENGTHS)
     assert_params_close(state, ref)
-    # The batch's metrics are token-weighted over its chunks: the weight is all its tokens.
-    assert float(state.metrics["weight"]) == sum(LENGTHS[-1])
+    # Each chunk is an update; the metrics are the last one's: its tokens are its weight.
     last = LENGTHS[-1]
     per_chunk = [sum(min(max(n - t, 0), k) for n in last) for t in range(0, max(last), k)]
+    assert float(state.metrics["weight"]) == per_chunk[-1]
+    assert float(state.metrics["tokens"]) == per_chunk[-1]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_accumulated_chunks_report_token_weighted_metrics(cell: str, k: int) -> None:
+    """Accumulating all the chunks of a batch into one update: its metrics are token-weighted
+    over the chunks, and the weight is all the batch's tokens."""
+    model = make_model(cell, seed=1)
+    lengths = LENGTHS[0]
+    batch = make_batches([lengths], seed=1)[0]
+    per_chunk = [sum(min(max(n - t, 0), k) for n in lengths) for t in range(0, max(lengths), k)]
+    opt = ll.optim.sgd(0.2)
+    step = ll.chain(ll.tbptt_split(k), ll.accumulate(len(per_chunk)))(
+        ll.train_step(model, packed_loss, opt)
+    )
+    state = step(ll.init(model, opt), batch)
+    assert int(state.step) == 1
+    assert float(state.metrics["weight"]) == sum(lengths)
     mean_tokens = sum(n * n for n in per_chunk) / sum(per_chunk)
-    assert float(state.metrics["tokens"]) == pytest.approx(mean_tokens)
+    assert float(state.metrics["tokens"]) == pytest.approx(mean_tokens, rel=1e-12)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -4,19 +4,19 @@ Hypothesis draws a model (an MLP of random widths and dtype, with or without Bat
 mode and Dropout, or a recurrent model for truncated BPTT), a valid chain (an optional
 ``tbptt_split`` first, then any subset, in any order, of ``accumulate``, ``track_norm``, ``clip``
 and ``skip_nonfinite``), an optimizer and a run of batches, some of them poisoned with NaN
-when the chain skips them. Along the whole run, every call and ``flush``:
+when the chain skips them. Along the whole run, ``step.init``, every call, ``fold`` and
+``flush``:
 
-* leaves every tensor of the input state and of the batch as it was, in value and in
+* leave every tensor of the input state and of the batch as it was, in value and in
   ``_version`` (no write in place, not even one undone later);
-* returns a state of the input's treespec, shapes and dtypes;
-* leaves the template module's parameters and buffers (the same tensor objects, same values)
-  and torch's global generator alone when the state carries its own (``init(seed=)``);
-* and does all that too when the call raises.
+* return a state of the treespec, shapes and dtypes that ``step.init(state, batch)`` gave;
+* leave the template module's parameters and buffers (the same tensor objects, same values)
+  and torch's global generator alone (every state carries its own key);
+* and do all that too when they raise (``step.check``, ``fold``, a failing loss).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from typing import Any
@@ -170,35 +170,36 @@ def checked_call(fn: Any, model: nn.Module, state: ll.TrainState, *args: Any) ->
     snap, batch_snap = snapshot(state), snapshot(args)
     module = module_snapshot(model)
     rng = torch.get_rng_state()
-    own_rng = "rng" in state.slots
     try:
         out = fn(state, *args)
     finally:
         assert_snapshot_unchanged(snap)
         assert_snapshot_unchanged(batch_snap)
         assert_module_unchanged(model, module)
-        if own_rng:
-            assert torch.equal(torch.get_rng_state(), rng), "the global generator moved"
+        assert torch.equal(torch.get_rng_state(), rng), "the global generator moved"
     return out
 
 
 @given(setups())
 def test_random_chains_never_change_their_input(setup: dict[str, Any]) -> None:
-    model, step, state = setup["model"], setup["step"], setup["state"]
-    for i, batch in enumerate(setup["batches"]):
+    model, step, start = setup["model"], setup["step"], setup["state"]
+    batches = setup["batches"]
+    reference = checked_call(step.init, model, start, batches[0])
+    state = start
+    for batch in batches:
         new = checked_call(step, model, state, batch)
-        if i == 0:  # the first call adds the slots and fills the metrics
-            state = step.init(state)
-            assert_same_structure(new._replace(metrics={}), state._replace(metrics={}))
-        else:
-            assert_same_structure(new, state)
+        assert_same_structure(new, reference)
         state = new
+    # fold: pure on the caller's state although it donates the states it makes. (Its values
+    # against the calls are the laws of test_contract and test_skip.)
+    folded = checked_call(lambda s, bs: ll.fold(step, s, bs), model, start, batches)
+    assert_same_structure(folded, reference)
     flushed = checked_call(step.flush, model, state)
-    assert_same_structure(flushed, state)
-    # A state the step returned is an input like any other: running on it again is pure too
-    # (and so is raising, if the batch is a bad one past the skip limit).
-    with contextlib.suppress(ll.NonFiniteGradientError):
-        checked_call(step, model, flushed, setup["batches"][0])
+    assert_same_structure(flushed, reference)
+    checked_call(step.check, model, flushed)
+    # A state the step returned is an input like any other: running on it again is pure too.
+    again = checked_call(step, model, flushed, batches[0])
+    assert_same_structure(again, reference)
 
 
 @given(st.integers(0, 2), st.booleans())
@@ -207,12 +208,15 @@ def test_a_call_that_raises_leaves_everything_as_it_was(limit: int, seeded: bool
     model = Mlp([3, 4, 1], batchnorm=True, dropout=0.5)
     opt = ll.optim.adam(1e-2)
     step = ll.chain(ll.skip_nonfinite(limit), ll.clip(1.0))(ll.train_step(model, mlp_loss, opt))
-    state = ll.init(model, opt, seed=7 if seeded else None)
+    start = ll.init(model, opt, seed=7 if seeded else None)
     bad = (torch.randn(3, 3), torch.full((3, 1), math.nan))
-    for _ in range(limit):
+    state = start
+    for _ in range(limit + 1):  # the step itself never raises
         state = checked_call(step, model, state, bad)
     with pytest.raises(ll.NonFiniteGradientError):
-        checked_call(step, model, state, bad)
+        checked_call(step.check, model, state)
+    with pytest.raises(ll.NonFiniteGradientError):
+        checked_call(lambda s, bs: ll.fold(step, s, bs), model, start, [bad] * (limit + 1))
 
     def failing_loss(m: nn.Module, batch: Any) -> Any:
         m(batch[0])  # runs the module, BatchNorm included, then fails
@@ -221,3 +225,17 @@ def test_a_call_that_raises_leaves_everything_as_it_was(limit: int, seeded: bool
     broken = ll.train_step(model, failing_loss, opt)
     with pytest.raises(RuntimeError, match=r"^boom$"):
         checked_call(broken, model, ll.init(model, opt, seed=1 if seeded else None), bad)
+    # Failing after the structure is known: in the gradient pass, not the init's probe.
+    calls = []
+
+    def fails_second(m: nn.Module, batch: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 1:
+            m(batch[0])
+            raise RuntimeError("boom")
+        return mlp_loss(m, batch)
+
+    late = ll.train_step(model, fails_second, opt)
+    ready = late.init(ll.init(model, opt, seed=2), bad)
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        checked_call(late, model, ready, bad)

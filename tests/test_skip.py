@@ -2,9 +2,11 @@
 state as it was (but for the slot's counters).
 
 Oracles: a hand-written ``torch.optim.SGD`` loop that skips the bad batches, and the laws
-``fold(skip(step), xs) == fold(step, good(xs))`` (bit for bit, the skip slot aside) in the two
-scopes the chain order gives under accumulation: a bad micro-batch dropped alone, or its whole
-window dropped.
+``fold(skip(step), xs) == fold(step, good(xs))`` (bit for bit, the skip slot and the random key's
+counter aside: the key advances once per micro-batch, skipped or not) in the two scopes the chain
+order gives under accumulation: a bad micro-batch dropped alone, or its whole window dropped.
+The step never raises and never reads a device value; ``step.check``, ``fold`` and ``scan`` (at
+their end) raise after too many consecutive skips.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from torch import nn
 
 import looplib as ll
 from looplib._skip import SLOT
-from tests.helpers import assert_pure, assert_trees_equal, mlp
+from tests.helpers import (
+    assert_pure,
+    assert_snapshot_unchanged,
+    assert_trees_equal,
+    mlp,
+    snapshot,
+)
 
 LR = 0.1
 
@@ -63,14 +71,20 @@ def setup(*transformers: ll.Transformer, momentum: float = 0.9):
 
 
 def fold(step: Any, state: ll.TrainState, batches: list[Any]) -> ll.TrainState:
+    """One lone call per batch (the tensor-select path)."""
     for b in batches:
         state = step(state, b)
     return state
 
 
-def without_skip_slot(state: ll.TrainState) -> ll.TrainState:
+DRIVERS = {"calls": fold, "fold": ll.fold}
+
+
+def without_skip_slot(state: ll.TrainState, *, metrics: bool = True) -> ll.TrainState:
+    """The state without the skip slot and the key's counter (the key's seed is kept)."""
     slots = {k: x for k, x in state.slots.items() if k != SLOT}
-    return state._replace(slots=slots, metrics={})
+    slots["rng"] = state.slots["rng"][:1]
+    return state._replace(slots=slots, metrics=state.metrics if metrics else {})
 
 
 def counters(state: ll.TrainState) -> tuple[int, int, int]:
@@ -118,16 +132,20 @@ def test_against_a_hand_written_loop_that_skips_bad_steps(ks: list[int]) -> None
     assert counters(state)[1] == skipped
 
 
-@given(runs)
-def test_skipping_equals_training_on_the_good_batches_only(ks: list[int]) -> None:
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+@given(ks=runs)
+def test_skipping_equals_training_on_the_good_batches_only(driver: str, ks: list[int]) -> None:
+    """Metrics included: a skipped micro-batch leaves ``state.metrics`` as they were."""
     _, _, step, state = setup(ll.skip_nonfinite(2), ll.clip(0.5))
     _, _, plain, _ = setup(ll.clip(0.5))
     batches = [batch(i, kind=k) for i, k in enumerate(ks)]
     good = [b for b, k in zip(batches, ks, strict=True) if k == GOOD]
+    out = DRIVERS[driver](step, state, batches)
     assert_trees_equal(
-        without_skip_slot(fold(step, state, batches)),
-        without_skip_slot(plain.init(fold(plain, state, good))),
+        without_skip_slot(out),
+        without_skip_slot(plain.init(fold(plain, state, good), batches[0])),
     )
+    assert int(out.slots["rng"][1]) == len(batches)
 
 
 # --------------------------------------------------------------------------- one bad step
@@ -137,8 +155,9 @@ def test_a_bad_step_changes_nothing_but_the_counters(kind: int) -> None:
     state = fold(step, state, [batch(0), batch(1)])
     assert counters(state) == (0, 0, -1)
     after = assert_pure(step, state, batch(2, kind=kind))
-    for field in ("params", "buffers", "opt_state", "step"):
+    for field in ("params", "buffers", "opt_state", "step", "metrics"):
         assert_trees_equal(getattr(after, field), getattr(state, field))
+    assert torch.equal(after.slots["rng"], state.slots["rng"] + torch.tensor([0, 1]))
     assert counters(after) == (1, 1, 2)  # last_step: the value of state.step when skipped
     again = step(after, batch(3, kind=kind))
     assert counters(again) == (2, 2, 2)
@@ -161,27 +180,55 @@ def test_a_nan_loss_with_a_finite_gradient_is_skipped() -> None:
 
 
 # --------------------------------------------------------------------------- too many in a row
+def too_many_message(limit: int, last_step: int = 2) -> str:
+    return "^" + re.escape(
+        f"skip_nonfinite({limit}): {limit + 1} consecutive non-finite gradients, the last at "
+        f"step {last_step} (optimizer updates applied so far); the error's .state holds the last "
+        "good params."
+    )
+
+
 @pytest.mark.parametrize("limit", [0, 1, 3])
-def test_raises_after_max_consecutive_plus_one_bad_steps(limit: int) -> None:
+def test_check_raises_after_max_consecutive_plus_one_bad_steps(limit: int) -> None:
+    """The step itself never raises (it reads no device value); ``step.check`` does, once the
+    slot shows more than ``max_consecutive`` skips in a row."""
     _, _, step, state = setup(ll.skip_nonfinite(limit))
     state = fold(step, state, [batch(0), batch(1)])
     for i in range(limit):
         state = step(state, batch(10 + i, kind=NAN_INPUT))
-    with pytest.raises(
-        ll.NonFiniteGradientError,
-        match="^"
-        + re.escape(
-            f"skip_nonfinite({limit}): {limit + 1} consecutive non-finite gradients, the last at "
-            "step 2 (optimizer updates applied so far); the error's .state holds the last good "
-            "params."
-        ),
-    ) as info:
-        step(state, batch(99, kind=INF_GRAD))
+    step.check(state)  # at the limit: fine
+    last = step(state, batch(99, kind=INF_GRAD))  # one more: the step still returns
+    beyond = step(last, batch(100, kind=NAN_LOSS_ONLY))
+    assert counters(beyond) == (limit + 2, limit + 2, 2)
+    with pytest.raises(ll.NonFiniteGradientError, match=too_many_message(limit)) as info:
+        step.check(last)
     err = info.value
     assert isinstance(err, FloatingPointError)
+    assert err.state is last
     assert all(bool(torch.isfinite(p).all()) for p in err.state.params.values())
     assert_trees_equal(err.state.params, state.params)
     assert counters(err.state) == (limit + 1, limit + 1, 2)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 3])
+@pytest.mark.parametrize("func", ["fold", "scan"])
+def test_fold_and_scan_raise_at_their_end(func: str, limit: int) -> None:
+    """They run every batch (no host read on the way) and check the state once, at the end."""
+    _, _, step, state = setup(ll.skip_nonfinite(limit))
+    bad = [batch(10 + i, kind=NAN_INPUT) for i in range(limit + 1)]
+    batches = [batch(0), batch(1), *bad]
+    snap = snapshot(state)
+    with pytest.raises(ll.NonFiniteGradientError, match=too_many_message(limit)) as info:
+        if func == "fold":
+            ll.fold(step, state, batches)
+        else:
+            ll.scan(step, state, batches)
+    err = info.value
+    assert counters(err.state) == (limit + 1, limit + 1, 2)
+    assert int(err.state.slots["rng"][1]) == len(batches)  # every batch ran
+    assert_trees_equal(err.state.params, ll.fold(step, state, batches[:2]).params)
+    # The caller's state is never written (fold donates only the states it made).
+    assert_snapshot_unchanged(snap)
 
 
 def test_good_steps_between_bad_ones_never_raise() -> None:
@@ -193,27 +240,33 @@ def test_good_steps_between_bad_ones_never_raise() -> None:
 
 
 # --------------------------------------------------------------------------- scope
-@given(runs, st.integers(2, 3))
-def test_before_accumulate_a_bad_micro_batch_is_dropped_alone(ks: list[int], k: int) -> None:
-    """``chain(skip_nonfinite(), accumulate(K))``: the window closes after K good ones."""
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+@given(ks=runs, k=st.integers(2, 3))
+def test_before_accumulate_a_bad_micro_batch_is_dropped_alone(
+    driver: str, ks: list[int], k: int
+) -> None:
+    """``chain(skip_nonfinite(), accumulate(K))``: the window closes after K good ones, whether
+    the step is called batch by batch or folded a window at a time."""
     _, _, step, state = setup(ll.skip_nonfinite(2), ll.accumulate(k))
     _, _, plain, _ = setup(ll.accumulate(k))
     batches = [batch(i, size=2 + i % 3, kind=kind) for i, kind in enumerate(ks)]
     good = [b for b, kind in zip(batches, ks, strict=True) if kind == GOOD]
-    out = fold(step, state, batches)
-    assert_trees_equal(
-        without_skip_slot(out), without_skip_slot(plain.init(fold(plain, state, good)))
-    )
+    out = DRIVERS[driver](step, state, batches)
+    want = plain.init(fold(plain, state, good), batches[0])
+    assert_trees_equal(without_skip_slot(out), without_skip_slot(want))
     assert counters(out)[1] == len(ks) - len(good)
     # ... and flush closes the window of good micro-batches the same way.
-    assert_trees_equal(
-        without_skip_slot(step.flush(out)), without_skip_slot(plain.flush(fold(plain, state, good)))
-    )
+    assert_trees_equal(without_skip_slot(step.flush(out)), without_skip_slot(plain.flush(want)))
 
 
-@given(st.lists(st.booleans(), min_size=1, max_size=4), st.integers(2, 3), st.data())
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+@given(
+    bad_windows=st.lists(st.booleans(), min_size=1, max_size=4),
+    k=st.integers(2, 3),
+    data=st.data(),
+)
 def test_after_accumulate_a_bad_window_is_dropped_whole(
-    bad_windows: list[bool], k: int, data: Any
+    driver: str, bad_windows: list[bool], k: int, data: Any
 ) -> None:
     """``chain(accumulate(K), skip_nonfinite())``: one bad micro-batch spoils its window."""
     _, _, step, state = setup(ll.accumulate(k), ll.skip_nonfinite(len(bad_windows)))
@@ -231,9 +284,13 @@ def test_after_accumulate_a_bad_window_is_dropped_whole(
         batches += window
         if not bad:
             good += window
-    out = fold(step, state, batches)
+    out = DRIVERS[driver](step, state, batches)
+    want = plain.init(fold(plain, state, good), batches[0])
+    # The metrics too when the last window was good; after a bad one they are those of its
+    # open window before the closing micro-batch (a skipped micro-batch leaves them as they were).
+    metrics = not bad_windows[-1]
     assert_trees_equal(
-        without_skip_slot(out), without_skip_slot(plain.init(fold(plain, state, good)))
+        without_skip_slot(out, metrics=metrics), without_skip_slot(want, metrics=metrics)
     )
     assert counters(out)[1] == sum(bad_windows)  # counted once per window, not per micro-batch
     assert int(out.slots["accumulate"].count) == 0  # the window is reset either way

@@ -19,12 +19,14 @@ from tests.helpers import (
     assert_params_close,
     assert_pure,
     assert_same_structure,
+    assert_snapshot_unchanged,
     assert_trees_equal,
     mlp,
     mse,
     params_of,
     regression_batch,
     regression_batches,
+    snapshot,
 )
 
 OPTIMIZERS = {
@@ -99,7 +101,77 @@ def test_init_copies_the_module_and_starts_at_zero() -> None:
         assert state.params[name].data_ptr() != p.data_ptr()
         assert not state.params[name].requires_grad
     assert state.step.dtype == torch.int64 and state.step.shape == () and int(state.step) == 0
-    assert state.metrics == {} and state.slots == {}
+    assert state.metrics == {} and sorted(state.slots) == ["rng"]
+    key = state.slots["rng"]
+    assert key.dtype == torch.int64 and key.shape == (2,) and int(key[1]) == 0
+    assert 0 <= int(key[0]) < 2**63
+
+
+def test_init_keys_the_state_by_the_seed_or_by_the_global_generator() -> None:
+    model, opt = mlp(), ll.optim.sgd(0.1)
+    assert ll.init(model, opt, seed=7).slots["rng"].tolist() == [7, 0]
+    assert ll.init(model, opt, seed=2**63 - 1).slots["rng"].tolist() == [2**63 - 1, 0]
+    # Without seed=, the seed is drawn from torch's global generator, at init.
+    torch.manual_seed(3)
+    a = ll.init(model, opt).slots["rng"]
+    after_a = torch.random.get_rng_state()
+    b = ll.init(model, opt).slots["rng"]
+    torch.manual_seed(3)
+    assert torch.equal(ll.init(model, opt).slots["rng"], a)
+    assert torch.equal(torch.random.get_rng_state(), after_a)
+    assert not torch.equal(a, b)
+
+
+def test_step_init_completes_the_structure_before_the_first_update() -> None:
+    """``step.init(state, batch)`` adds the loss's metrics (NaN, with their dtypes), the weight
+    and the learning rate, and changes nothing else; it is idempotent and never draws from the
+    global generator."""
+    model = mlp(dropout=0.5, batchnorm=True)
+    opt = ll.optim.adam(0.05)
+
+    def loss_fn(m, b):
+        out = m(b[0])
+        return F.mse_loss(out, b[1]), {"mean_pred": out.mean().float(), "count": 3}
+
+    step = ll.train_step(model, loss_fn, opt)
+    state = ll.init(model, opt, seed=1)
+    batch = regression_batch(4)
+    snap = snapshot(state)
+    global_rng = torch.random.get_rng_state()
+    ready = step.init(state, batch)
+    assert torch.equal(torch.random.get_rng_state(), global_rng)
+    assert_snapshot_unchanged(snap)
+    assert sorted(ready.metrics) == ["count", "loss", "lr", "mean_pred", "weight"]
+    assert ready.metrics["loss"].dtype == torch.float64 and torch.isnan(ready.metrics["loss"])
+    assert ready.metrics["mean_pred"].dtype == torch.float32
+    assert ready.metrics["count"].dtype == torch.float32 and torch.isnan(ready.metrics["count"])
+    assert ready.metrics["weight"].dtype == torch.float32 and float(ready.metrics["weight"]) == 0
+    assert float(ready.metrics["lr"]) == pytest.approx(0.05)
+    assert_trees_equal(ready._replace(metrics={}), state)  # the key's counter too: no update
+    assert_trees_equal(step.init(ready), ready)
+    assert_trees_equal(step.init(ready, regression_batch(9, seed=5)), ready)
+    # The first update keeps that structure.
+    assert_same_structure(step(ready, batch), ready)
+    assert_trees_equal(step(state, batch), step(ready, batch))
+
+
+def test_step_init_without_a_batch_needs_a_complete_state() -> None:
+    model, opt = mlp(), ll.optim.sgd(0.1)
+    step = ll.accumulate(2)(ll.train_step(model, mse, opt))
+    message = (
+        "step.init(state): this state has no loss metrics yet, so the step must see an example "
+        "batch to learn what the loss reports; call step.init(state, batch) (fold, fit, and a "
+        "first step(state, batch) do this for you)."
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        step.init(ll.init(model, opt))
+    # A state with the loss metrics but without a transformer's slot needs one too.
+    plain = ll.train_step(model, mse, opt)(ll.init(model, opt), regression_batch(3))
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        step.init(plain)
+    ready = step.init(plain, regression_batch(3))
+    assert sorted(ready.slots) == ["accumulate", "rng"]
+    assert_trees_equal(step.init(ready), ready)
 
 
 def test_step_leaves_the_template_module_untouched() -> None:
@@ -120,21 +192,55 @@ def test_step_is_pure_with_batchnorm_in_train_mode_and_dropout() -> None:
     state = ll.init(model, opt)
     for batch in regression_batches([4, 6, 5]):
         new = assert_pure(step, state, batch)
-        assert_same_structure(ll.init(model, opt)._replace(metrics=new.metrics), new)
+        assert_same_structure(step.init(ll.init(model, opt), batch), new)
         assert not torch.equal(new.buffers["1.running_mean"], state.buffers["1.running_mean"])
         state = new
 
 
-def test_step_is_deterministic_given_the_global_seed() -> None:
+def test_the_same_state_and_batch_give_the_same_next_state() -> None:
+    """Randomness is keyed by the state: two states with the same key step alike (dropout
+    included), whatever the global generator holds, and the step never touches it."""
     model = mlp(dropout=0.5)
     opt = ll.optim.sgd(0.1)
     step = ll.train_step(model, mse, opt)
     batch = regression_batch(8)
     torch.manual_seed(7)
-    a = step(ll.init(model, opt), batch)
+    first = ll.init(model, opt)
     torch.manual_seed(7)
-    b = step(ll.init(model, opt), batch)
+    second = ll.init(model, opt)
+    assert torch.equal(first.slots["rng"], second.slots["rng"])
+
+    global_rng = torch.random.get_rng_state()
+    a = step(first, batch)
+    assert torch.equal(torch.random.get_rng_state(), global_rng)
+    torch.manual_seed(12345)  # no effect on the step
+    b = step(second, batch)
     assert_trees_equal(a, b)
+    assert a.slots["rng"].tolist() == [int(first.slots["rng"][0]), 1]
+    # Calling again on the same state gives the same state again.
+    assert_trees_equal(step(first, batch), a)
+
+    # The dropout is real: another key gives other masks, and the next call new ones.
+    other = step(ll.init(model, opt, seed=int(first.slots["rng"][0]) + 1), batch)
+    assert not torch.equal(other.params["0.weight"], a.params["0.weight"])
+    again = step(a._replace(params=first.params, opt_state=first.opt_state), batch)
+    assert not torch.equal(again.params["0.weight"], a.params["0.weight"])
+
+
+def test_dropout_masks_follow_the_key_not_the_global_generator() -> None:
+    model = mlp(dropout=0.5)
+    opt = ll.optim.sgd(0.1)
+    step = ll.train_step(model, mse, opt)
+    batch = regression_batch(8)
+    state = ll.init(model, opt, seed=0)
+    results = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        results.append(step(state, batch))
+    assert_trees_equal(results[0], results[1])
+    # The key's seed and counter both matter.
+    later = state._replace(slots={"rng": torch.tensor([0, 5])})
+    assert not torch.equal(step(later, batch).params["0.weight"], results[0].params["0.weight"])
 
 
 def test_metrics_are_loss_and_weight_tensors() -> None:
@@ -142,8 +248,9 @@ def test_metrics_are_loss_and_weight_tensors() -> None:
     opt = ll.optim.sgd(0.0)
     batch = regression_batch(5)
     state = ll.train_step(model, mse, opt)(ll.init(model, opt), batch)
-    assert sorted(state.metrics) == ["loss", "weight"]
+    assert sorted(state.metrics) == ["loss", "lr", "weight"]
     torch.testing.assert_close(state.metrics["loss"], mse(model, batch).detach())
+    assert float(state.metrics["lr"]) == 0.0
     assert state.metrics["weight"].dtype == torch.float32 and float(state.metrics["weight"]) == 5
     assert not state.metrics["loss"].requires_grad
 
@@ -195,7 +302,7 @@ def test_loss_metrics_are_detached_tensors_in_the_state() -> None:
         return F.mse_loss(out, b[1]), {"mean_pred": out.mean(), "count": 3}
 
     state = ll.train_step(model, loss_fn, opt)(ll.init(model, opt), regression_batch(4))
-    assert sorted(state.metrics) == ["count", "loss", "mean_pred", "weight"]
+    assert sorted(state.metrics) == ["count", "loss", "lr", "mean_pred", "weight"]
     assert isinstance(state.metrics["count"], torch.Tensor) and int(state.metrics["count"]) == 3
     assert not state.metrics["mean_pred"].requires_grad
 
@@ -364,29 +471,134 @@ def test_loss_may_not_report_a_reserved_metric(key: str) -> None:
 def test_a_metric_must_be_a_one_element_tensor() -> None:
     with pytest.raises(
         ValueError,
-        match=re.escape(
-            "train_step(Sequential, <lambda>): state.metrics['per_sample'] must be a one-element "
-            "tensor, got Tensor(shape=(3, 1), dtype=torch.float64)."
-        ),
+        match="^"
+        + re.escape(
+            "train_step(loss_fn=Tensor(shape=(3, 1), dtype=torch.float64)): loss_fn must return "
+            "one-element metrics; metric 'per_sample' is not, got Tensor(shape=(3, 1), "
+            "dtype=torch.float64)."
+        )
+        + "$",
     ):
         _run(lambda m, b: (mse(m, b), {"per_sample": m(b[0]).detach()}))
 
 
 def test_metric_keys_may_not_change_between_steps() -> None:
     model, opt = mlp(), ll.optim.sgd(0.1)
-    calls = []
+    late = []
 
     def loss_fn(m, b):
-        calls.append(1)
-        return mse(m, b), ({} if len(calls) == 1 else {"late": torch.tensor(1.0)})
+        return mse(m, b), ({"late": torch.tensor(1.0)} if late else {})
 
     step = ll.train_step(model, loss_fn, opt)
     state = step(ll.init(model, opt), regression_batch(3))
+    late.append(True)
     with pytest.raises(
         ValueError,
-        match=re.escape(
-            "train_step(Sequential, loss_fn): state.metrics keys changed from ['loss', 'weight'] "
-            "to ['late', 'loss', 'weight']. A step must return a state with exactly the structure"
-        ),
+        match="^"
+        + re.escape(
+            "train_step(Sequential, loss_fn): state.metrics['late'] appeared in the output "
+            "(Tensor(shape=(), dtype=torch.float32)) but was not in the input. A step must return "
+            "a state with exactly the structure, shapes and dtypes it received; check the "
+            "transformer, optimizer or loss function that writes this entry."
+        )
+        + "$",
     ):
         step(state, regression_batch(3))
+
+
+def test_a_detached_loss_is_an_error() -> None:
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "train_step(loss_fn=Tensor(shape=(), dtype=torch.float64)): loss_fn must return a "
+            "loss computed from the model's parameters (it has no gradient: was it detached, or "
+            "computed under torch.no_grad?), got Tensor(shape=(), dtype=torch.float64)."
+        )
+        + "$",
+    ):
+        _run(lambda m, b: mse(m, b).detach())
+    with pytest.raises(ValueError, match=r"loss_fn must return a loss computed from the model"):
+        _run(lambda m, b: F.mse_loss(b[1], torch.zeros_like(b[1])))
+
+
+def _wrong_bias(state):
+    return state._replace(params={**state.params, "0.bias": torch.zeros(5, dtype=torch.float64)})
+
+
+def test_the_structure_check_runs_on_every_call() -> None:
+    """A state whose params do not fit the model is caught on a later call too, after a normal
+    one (the check is not a first-call-only check)."""
+    model, opt = mlp(), ll.optim.sgd(0.1)
+    step = ll.train_step(model, mse, opt)
+    batch = regression_batch(3)
+    state = step(ll.init(model, opt), batch)
+    state = step(state, batch)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "step(state=...): state.params['0.bias'] must have the model's shape (6,), got "
+            "Tensor(shape=(5,), dtype=torch.float64). Was this state made by ll.init for another "
+            "model?"
+        )
+        + "$",
+    ):
+        step(_wrong_bias(state), batch)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "step(state=...): state.params['0.bias'] must have the model's shape (6,), got "
+            "missing. Was this state made by ll.init for another model?"
+        )
+        + "$",
+    ):
+        step(state._replace(params={k: p for k, p in state.params.items() if k != "0.bias"}), batch)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "step(state=...): state.params has entries the model does not: ['extra']. Was this "
+            "state made by ll.init for another model?"
+        )
+        + "$",
+    ):
+        step(state._replace(params={**state.params, "extra": torch.zeros(1)}), batch)
+    # ... and the step still works on a good state afterwards.
+    assert int(step(state, batch).step) == 3
+
+
+@pytest.mark.parametrize("func", ["fold", "scan"])
+def test_fold_and_scan_check_the_state_naming_themselves(func: str) -> None:
+    model, opt = mlp(), ll.optim.sgd(0.1)
+    step = ll.train_step(model, mse, opt)
+    batch = regression_batch(3)
+    state = step(ll.init(model, opt), batch)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(f"{func}(state=...): state.params['0.bias'] must have the model's shape (6,)"),
+    ):
+        getattr(ll, func)(step, _wrong_bias(state), [batch, batch])
+
+
+def test_a_leaf_that_changes_dtype_between_calls_is_named_by_its_path() -> None:
+    """Against the states seen before: the same containers with a leaf of another dtype."""
+    model, opt = mlp(), ll.optim.sgd(0.1, momentum=0.9)
+    step = ll.train_step(model, mse, opt)
+    batch = regression_batch(3)
+    state = step(ll.init(model, opt), batch)
+    bad = state._replace(step=state.step.int())
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "step(state=...): state.step changed from Tensor(shape=(), dtype=torch.int64) "
+            "to Tensor(shape=(), dtype=torch.int32). A step must return a state with "
+            "exactly the structure, shapes and dtypes it received; check the transformer, "
+            "optimizer or loss function that writes this entry."
+        )
+        + "$",
+    ):
+        step(bad, batch)

@@ -178,20 +178,60 @@ def test_tbptt_with_accumulate_across_chunks_matches_the_imperative_loop(k: int,
     assert_params_close(state, ref)
 
 
-def test_tbptt_metrics_are_the_weighted_mean_over_chunks() -> None:
+def _chunk_metrics(model, x, y, k: int):
+    """Each chunk's loss and mae at the model's params, the carry threaded through."""
+    losses, maes, hc = [], [], None
+    with torch.no_grad():
+        for t in range(0, x.shape[1], k):
+            pred, hc = model(x[:, t : t + k], hc)
+            losses.append(F.mse_loss(pred, y[:, t : t + k]))
+            maes.append((pred - y[:, t : t + k]).abs().mean())
+    return losses, maes
+
+
+def test_without_accumulate_the_metrics_are_the_last_chunks() -> None:
+    """Each chunk is an update, and ``state.metrics`` describe the last update."""
     model, batches = lstm_setup()
     x, y = batches[0]
     opt = ll.optim.sgd(0.0)  # lr 0: every chunk sees the initial params
     state = ll.tbptt_split(3)(ll.train_step(model, lstm_loss, opt))(ll.init(model, opt), (x, y))
-    losses, maes, hc = [], [], None
-    with torch.no_grad():
-        for t in range(0, 7, 3):
-            pred, hc = model(x[:, t : t + 3], hc)
-            losses.append(F.mse_loss(pred, y[:, t : t + 3]))
-            maes.append((pred - y[:, t : t + 3]).abs().mean())
+    losses, maes = _chunk_metrics(model, x, y, 3)
+    assert int(state.step) == len(losses) == 3
+    torch.testing.assert_close(state.metrics["loss"], losses[-1])
+    torch.testing.assert_close(state.metrics["mae"], maes[-1])
+    assert float(state.metrics["weight"]) == 3  # the last chunk's samples
+    assert not torch.allclose(state.metrics["loss"], torch.stack(losses).mean())
+
+
+def test_with_accumulate_over_the_chunks_the_metrics_are_their_weighted_mean() -> None:
+    model, batches = lstm_setup()
+    x, y = batches[0]
+    opt = ll.optim.sgd(0.0)
+    step = ll.chain(ll.tbptt_split(3), ll.accumulate(3))(ll.train_step(model, lstm_loss, opt))
+    state = step(ll.init(model, opt), (x, y))
+    losses, maes = _chunk_metrics(model, x, y, 3)
+    assert int(state.step) == 1
     torch.testing.assert_close(state.metrics["loss"], torch.stack(losses).mean())
     torch.testing.assert_close(state.metrics["mae"], torch.stack(maes).mean())
     assert float(state.metrics["weight"]) == 3 * 3
+
+
+@pytest.mark.parametrize("acc", [1, 2, 3])
+def test_scan_records_one_entry_per_batch(acc: int) -> None:
+    """Under tbptt_split a batch is one call of the step's run, however many chunks (and
+    updates) it holds; each entry is the per-call loop's metrics after that batch."""
+    model, batches = lstm_setup(seed=2)
+    opt = ll.optim.sgd(0.1, momentum=0.9)
+    step = ll.chain(ll.tbptt_split(3), ll.accumulate(acc))(ll.train_step(model, lstm_loss, opt))
+    start = ll.init(model, opt)
+    state, metrics = ll.scan(step, start, batches)
+    assert len(metrics) == len(batches)
+    manual = start
+    for batch, m in zip(batches, metrics, strict=True):
+        manual = step(manual, batch)
+        assert_trees_equal(m, manual.metrics)
+    assert_trees_equal(state, manual)
+    assert int(state.step) == (len(batches) * 3) // acc
 
 
 def test_the_carry_starts_as_none_at_every_batch_and_arrives_detached() -> None:
@@ -206,7 +246,12 @@ def test_the_carry_starts_as_none_at_every_batch_and_arrives_detached() -> None:
     model = sequence_model()
     opt = ll.optim.sgd(0.1)
     step = ll.tbptt_split(2)(ll.train_step(model, loss_fn, opt))
-    ll.fold(step, ll.init(model, opt), [sequence_batch(t=5), sequence_batch(t=3)])
+    batches = [sequence_batch(t=5), sequence_batch(t=3)]
+    # step.init learns the metrics from one forward pass on the first chunk, carry None.
+    state = step.init(ll.init(model, opt), batches[0])
+    assert carries == [None]
+    carries.clear()
+    ll.fold(step, state, batches)
     assert [c if c is None else float(c) for c in carries] == [None, 1, 2, None, 1]
     assert all(c is None or not c.requires_grad for c in carries)
 
@@ -240,12 +285,9 @@ def test_tbptt_split_with_one_chunk_equals_the_plain_step() -> None:
     opt = ll.optim.sgd(0.1)
     base = ll.train_step(model, sequence_loss, opt)
     batch = sequence_batch(t=4)
-    torch.manual_seed(1)
-    want = base(ll.init(model, opt), batch)
-    torch.manual_seed(1)
-    got = ll.tbptt_split(4)(base)(ll.init(model, opt), batch)
-    assert_trees_equal(got.params, want.params)
-    assert_trees_equal(got.buffers, want.buffers)
+    want = base(ll.init(model, opt, seed=1), batch)  # the model has dropout: the same key
+    got = ll.tbptt_split(4)(base)(ll.init(model, opt, seed=1), batch)
+    assert_trees_equal(got, want)
 
 
 # --------------------------------------------------------------------------- order and errors

@@ -62,7 +62,7 @@ def test_metric_keys(p, tag: str) -> None:
         ll.init(model, opt), regression_batch(3)
     )
     norm_keys = [f"grad_{tag}_norm/{name}" for name in NAMES] + [f"grad_{tag}_norm_total"]
-    assert sorted(state.metrics) == sorted([*norm_keys, "loss", "weight"])
+    assert sorted(state.metrics) == sorted([*norm_keys, "loss", "lr", "weight"])
     for key in norm_keys:
         value = state.metrics[key]
         assert isinstance(value, torch.Tensor) and value.shape == () and not value.requires_grad
@@ -73,7 +73,7 @@ def test_per_param_false_records_only_the_total() -> None:
     opt = ll.optim.sgd(0.1)
     step = ll.track_norm(2, per_param=False)(ll.train_step(model, mse, opt))
     state = step(ll.init(model, opt), regression_batch(3))
-    assert sorted(state.metrics) == ["grad_2.0_norm_total", "loss", "weight"]
+    assert sorted(state.metrics) == ["grad_2.0_norm_total", "loss", "lr", "weight"]
 
 
 @given(sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16))
@@ -82,9 +82,12 @@ def test_track_norm_does_not_change_the_update(sizes: list[int], seed: int) -> N
     opt = ll.optim.adam(0.1)
     base = ll.train_step(model, mse, opt)
     batches = regression_batches(sizes, seed=seed)
-    want = ll.fold(base, ll.init(model, opt), batches)
-    got = ll.fold(ll.track_norm("inf")(base), ll.init(model, opt), batches)
+    want = ll.fold(base, ll.init(model, opt, seed=seed), batches)
+    got = ll.fold(ll.track_norm("inf")(base), ll.init(model, opt, seed=seed), batches)
+    norms = {k: m for k, m in got.metrics.items() if k.startswith("grad_")}
+    assert sorted(norms) == [*sorted(f"grad_inf_norm/{n}" for n in NAMES), "grad_inf_norm_total"]
     assert_trees_equal(got._replace(metrics={}), want._replace(metrics={}))
+    assert_trees_equal({k: m for k, m in got.metrics.items() if k not in norms}, want.metrics)
 
 
 def test_before_clip_it_sees_the_unclipped_gradient_after_clip_the_clipped_one() -> None:
@@ -118,17 +121,30 @@ def test_after_accumulate_the_norm_is_nan_until_the_first_update_then_held() -> 
     opt = ll.optim.sgd(0.1)
     step = ll.chain(ll.accumulate(3), ll.track_norm(2))(ll.train_step(model, mse, opt))
     micro = regression_batches([2, 3, 4, 2, 3], seed=5)
-    _, metrics = ll.scan(step, ll.init(model, opt), micro)
-    totals = [m["grad_2.0_norm_total"] for m in metrics]
-    keys = [sorted(m) for m in metrics]
-    assert all(k == keys[0] for k in keys), "the metric keys are fixed from the first call"
-    assert torch.isnan(totals[0]) and torch.isnan(totals[1])
-    assert not torch.isnan(totals[2])
-    assert torch.equal(totals[3], totals[2]) and torch.equal(totals[4], totals[2])
+    start = ll.init(model, opt)
     window = tuple(torch.cat(t) for t in zip(*micro[:3], strict=True))
     want = torch.nn.utils.get_total_norm(list(imperative_grads(model, window).values()))
-    torch.testing.assert_close(totals[2], want)
-    assert metrics[0]["grad_2.0_norm_total"].dtype == totals[2].dtype == torch.float64
+
+    # Call by call: the keys exist from the first call (NaN), the value appears when the first
+    # window closes and is held while the next one is open.
+    states = [step.init(start, micro[0])]
+    for batch in micro:
+        states.append(step(states[-1], batch))
+    totals = [s.metrics["grad_2.0_norm_total"] for s in states]
+    keys = [sorted(s.metrics) for s in states]
+    assert all(k == keys[0] for k in keys), "the metric keys are fixed before the first call"
+    assert all(torch.isnan(t) for t in totals[:3])
+    assert not torch.isnan(totals[3])
+    assert torch.equal(totals[4], totals[3]) and torch.equal(totals[5], totals[3])
+    torch.testing.assert_close(totals[3], want)
+    assert totals[0].dtype == totals[3].dtype == torch.float64
+
+    # scan feeds whole windows: one entry per call, the closed window and the open one.
+    _, metrics = ll.scan(step, start, micro)
+    assert len(metrics) == 2
+    assert [sorted(m) for m in metrics] == [keys[0], keys[0]]
+    assert torch.equal(metrics[0]["grad_2.0_norm_total"], totals[3])
+    assert torch.equal(metrics[1]["grad_2.0_norm_total"], totals[3])
 
 
 def test_track_norm_is_pure() -> None:
