@@ -131,7 +131,7 @@ def accumulate(k: int, *, partial: str = "step") -> Transformer:
                 grads = _ops.mul(values, micro.weight)
                 slot = AccumulateState(slot.count + 1, micro.weight, {}, sums)
             else:
-                grads = _ops.add_scaled(list(slot.grads.values()), values, micro.weight)
+                grads = _ops.add(list(slot.grads.values()), _ops.mul(values, micro.weight))
                 slot = AccumulateState(
                     slot.count + 1,
                     slot.weight + micro.weight,

@@ -110,7 +110,10 @@ class CompiledStep:
         self.fallback = fallback
         self.eager = False
         self.error: str | None = None
-        inductor = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
+        inductor: dict[str | None, str | None] = {
+            "reduce-overhead": None,
+            "max-autotune": "max-autotune-no-cudagraphs",
+        }
         self._compiled = torch.compile(
             _own_code(self._graph), fullgraph=True, mode=inductor.get(mode, mode), **options
         )

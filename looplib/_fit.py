@@ -17,10 +17,10 @@ from ._compile import CompiledStep
 from ._distributed import agree, all_reduce_metrics, broadcast_state, shard, world
 from ._resume import Checkpointer, Position, global_rng_states, set_global_rng_states
 from ._step import Step, weighted_mean
+from ._stopping import Predicate, early_stopping, stop_reason
 from ._tally import SLOT as TALLY
 from ._tally import Tally, tally
 from ._tally import reset as reset_tally
-from ._stopping import Predicate, early_stopping, stop_reason
 from ._types import History, Metrics, TrainState, describe
 
 

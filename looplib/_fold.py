@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -32,8 +32,12 @@ def is_driven(step: Any) -> bool:
 def own(state: TrainState) -> TrainState:
     """A copy of ``state`` that a driver may donate to the step: the caller's state is never
     written."""
-    return optree.tree_map(
-        lambda x: x.clone() if isinstance(x, torch.Tensor) else x, state, none_is_leaf=True
+    tree: Any = state
+    return cast(
+        TrainState,
+        optree.tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree, none_is_leaf=True
+        ),
     )
 
 

@@ -45,7 +45,7 @@ def all_finite(grads: Params) -> Tensor:
     if not values:
         return torch.ones((), dtype=torch.bool)
     # The 1-norm is finite only if every element is; one reduction per tensor.
-    sums = torch.stack([n.to(torch.float32) for n in _ops.norms(values, 1.0)])
+    sums = torch.stack([n.to(torch.float32) for n in _ops.norm(values, 1.0)])
     return torch.isfinite(sums.sum())
 
 

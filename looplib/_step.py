@@ -677,7 +677,7 @@ class Step:
         """End any pending accumulation window by its ``partial`` policy (see ``accumulate``)."""
         for stage, inner in zip(self.stages, self._inners, strict=True):
             if stage.flush is not None:
-                flush = functools.partial(stage.flush, inner=inner)
+                flush = functools.partial(_flush_with, stage.flush, inner)
                 if self.ensemble is not None:
                     state = self.ensemble.lift_state(flush, state)
                 else:
@@ -696,6 +696,12 @@ def _weight_tensor(count: int, device: torch.device) -> Tensor:
     return torch.full((), float(count), dtype=torch.float32, device=device)
 
 
+def _flush_with(
+    flush: Callable[[TrainState, ApplyFn], TrainState], inner: ApplyFn, state: TrainState
+) -> TrainState:
+    return flush(state, inner)
+
+
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
@@ -706,7 +712,8 @@ def _check_state(func: str, state: Any) -> None:
 
 
 def _signature(state: TrainState) -> tuple[Any, tuple[Any, ...]]:
-    leaves, spec = optree.tree_flatten(state, none_is_leaf=True)
+    tree: Any = state
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
     return spec, tuple(
         (x.shape, x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves
     )

@@ -72,7 +72,7 @@ def norms_of(
     compute them once; a new result is added to it."""
     if memo is not None and p in memo:
         return memo[p]
-    each = _ops.norms(list(grads.values()), p) if grads else []
+    each = _ops.norm(list(grads.values()), p) if grads else []
     result = (each, total_norm(each, p))
     if memo is not None:
         memo[p] = result

@@ -14,7 +14,7 @@ member's own gradient), and the gradient stages and the optimizer run under ``vm
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -42,8 +42,9 @@ def stack(states: Sequence[TrainState]) -> TrainState:
     for i, s in enumerate(states):
         if not isinstance(s, TrainState):
             v.fail("stack", f"states[{i}]", "must be a looplib TrainState", s, exc=TypeError)
-    spec = optree.tree_structure(states[0], none_is_leaf=True)
-    for i, s in enumerate(states[1:], start=1):
+    trees: list[Any] = list(states)
+    spec = optree.tree_structure(trees[0], none_is_leaf=True)
+    for i, s in enumerate(trees[1:], start=1):
         if optree.tree_structure(s, none_is_leaf=True) != spec:
             v.fail(
                 "stack",
@@ -53,7 +54,7 @@ def stack(states: Sequence[TrainState]) -> TrainState:
                 exc=ValueError,
                 fix="Complete each state with the same step first: step.init(state, batch).",
             )
-    return optree.tree_map(lambda *xs: torch.stack(xs), *states, none_is_leaf=True)
+    return cast(TrainState, optree.tree_map(lambda *xs: torch.stack(xs), *trees, none_is_leaf=True))
 
 
 def unstack(state: TrainState) -> list[TrainState]:
@@ -68,7 +69,11 @@ def unstack(state: TrainState) -> list[TrainState]:
             "must be an ensemble state (from ll.stack), with a leading axis on every leaf",
             state.step,
         )
-    return [optree.tree_map(lambda x, i=i: x[i], state, none_is_leaf=True) for i in range(n)]
+    tree: Any = state
+    return [
+        cast(TrainState, optree.tree_map(lambda x, i=i: x[i], tree, none_is_leaf=True))
+        for i in range(n)
+    ]
 
 
 class Ensemble(NamedTuple):

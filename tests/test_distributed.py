@@ -26,7 +26,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import looplib as ll
-from looplib._step import Micro
 from looplib._distributed import (
     NOT_INITIALIZED,
     agree,
@@ -38,6 +37,7 @@ from looplib._distributed import (
     shard,
     world,
 )
+from looplib._step import Micro
 
 WORLD = 2
 STEPS = 20  # optimizer updates

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import looplib.optim as lo
-from looplib.optim import _ops as ops
+from looplib import _ops as ops
 from tests.test_optim import (
     assert_trajectories_close,
     make_grads,

@@ -30,9 +30,9 @@ from typing import Any, NamedTuple, TypeAlias
 
 import torch
 
+from .. import _ops as ops
 from .._types import Optimizer, Params, Tensor
 from . import _checks
-from . import _ops as ops
 from ._checks import Hyper
 from ._masks import Resolver
 

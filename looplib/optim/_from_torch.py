@@ -6,11 +6,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import _ops as ops
 from .. import _validate
 from .._checkpoint import register_checkpoint_type
 from .._types import Optimizer, Params, Tensor
 from . import _checks
-from . import _ops as ops
 
 
 class TorchOptimState(NamedTuple):

@@ -6,12 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import _ops as ops
 from .. import _validate
 from .._checkpoint import register_checkpoint_type
 from .._types import Optimizer, Tensor
 from . import _checks
 from . import _core as core
-from . import _ops as ops
 from ._checks import Hyper
 
 
