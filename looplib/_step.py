@@ -124,7 +124,9 @@ class Stage(NamedTuple):
     ``check(state)`` is a host-side check that ``fold`` and ``fit`` run where they read the
     state anyway (the step itself never reads a device value). ``holds`` says the stage may
     hold a gradient back on a tensor condition (``skip_nonfinite``), so that a window after it
-    cannot count its micro-batches in Python.
+    cannot count its micro-batches in Python. ``scale(state)``, for a stage that scales the loss
+    (``loss_scale``), gives the factor the loss is multiplied by before the backward pass; the
+    stage divides it out of the gradient itself.
     """
 
     name: str
@@ -135,6 +137,7 @@ class Stage(NamedTuple):
     window: int = 1
     check: Callable[[TrainState], None] | None = None
     holds: bool = False
+    scale: Callable[[TrainState], Tensor] | None = None
 
 
 class Split(NamedTuple):
@@ -458,7 +461,9 @@ class Step:
             self.model.train()
         if differentiate:
             leaves = [p.detach().requires_grad_(True) for p in params]
-            return self.forward(leaves, buffers, key, batch, carry, grad=True, wrt=leaves)
+            return self.forward(
+                leaves, buffers, key, batch, carry, grad=True, wrt=leaves, scale=self.scale(state)
+            )
         return self.forward(params, buffers, key, batch, carry, grad=False)
 
     def forward(
@@ -471,6 +476,7 @@ class Step:
         *,
         grad: bool,
         wrt: list[Tensor] | None = None,
+        scale: Tensor | None = None,
     ) -> tuple[LossOutput, Any, list[Tensor]]:
         """The loss with ``params`` and (copies of) ``buffers`` swapped into the module, random
         numbers keyed by ``key``, autograd recording when ``grad``. With ``wrt``, also the
