@@ -499,9 +499,8 @@ class Step:
                     "gradient: was it detached, or computed under torch.no_grad?)",
                     out.loss,
                 )
-            return out, torch.autograd.grad(
-                out.loss, wrt, allow_unused=True, materialize_grads=True
-            )
+            target = out.loss if scale is None else out.loss * scale
+            return out, torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
 
         (out, grads), buffers = self._swapper.call(params, buffers, run)
         return out, grads, buffers
@@ -534,6 +533,15 @@ class Step:
             metrics[key] = value.reshape(()).to(_metric_dtype(value))
         metrics["weight"] = weight.to(loss.device)
         return metrics
+
+    def scale(self, state: TrainState) -> Tensor | None:
+        """The factor the loss is multiplied by before the backward pass (``loss_scale``)."""
+        factor: Tensor | None = None
+        for stage in self.stages:
+            if stage.scale is not None:
+                value = stage.scale(state)
+                factor = value if factor is None else factor * value
+        return factor
 
     def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
         """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""

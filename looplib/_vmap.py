@@ -124,7 +124,9 @@ class Ensemble(NamedTuple):
                 "must return a loss computed from the model's parameters (it has no gradient)",
                 loss,
             )
-        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True, materialize_grads=True)
+        scale = step.scale(state)  # one factor per member
+        total = loss.sum() if scale is None else (loss * scale).sum()
+        grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
         weight = metrics.pop("weight")
         ok = torch.isfinite(metrics["loss"])
         old = list(state.buffers.values())
