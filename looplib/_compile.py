@@ -118,6 +118,7 @@ class CompiledStep:
             _own_code(self._graph), fullgraph=True, mode=inductor.get(mode, mode), **options
         )
         self._captured: dict[Any, _Captured] | None = {} if mode in CUDAGRAPH_MODES else None
+        self._anchors: dict[torch.device, torch.Tensor] = {}
 
     # The step's other parts, so a compiled step stands in for it.
     @property
@@ -168,10 +169,22 @@ class CompiledStep:
 
     # -- running -----------------------------------------------------------------------------
     def _graph(
-        self, state: TrainState, batches: Sequence[Any], start: int | None, donate: bool
+        self,
+        state: TrainState,
+        batches: Sequence[Any],
+        start: int | None,
+        donate: bool,
+        anchor: torch.Tensor,
     ) -> tuple[Any, ...]:
         # A plain tuple out of the graph: some compiler releases rebuild NamedTuples wrongly.
-        return tuple(self.step.run(state, batches, start, donate))
+        return tuple(self.step.run(state, batches, start, donate, anchor))
+
+    def _anchor(self, state: TrainState) -> torch.Tensor:
+        """The zero the compiled step takes gradients through (see ``leaves_of``)."""
+        device = state.step.device
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._anchors[device]
 
     def _call(
         self, state: TrainState, batches: Sequence[Any], start: int | None, donate: bool
@@ -180,7 +193,8 @@ class CompiledStep:
             return self.step.run(state, batches, start, donate)
         try:
             with _settings():
-                return TrainState(*self._compiled(state, list(batches), start, donate))
+                anchor = self._anchor(state)
+                return TrainState(*self._compiled(state, list(batches), start, donate, anchor))
         except Exception as error:  # the compiler's errors share no base class
             # An error of the step itself (a bad batch, a bug in the loss) fails eagerly too,
             # and is then reported as it is, not as the compiler's.

@@ -36,7 +36,7 @@ import optree
 import torch
 from torch import nn
 
-from . import _random
+from . import _ops, _random
 from . import _validate as v
 from ._swap import Swapper
 from ._tree import StructureChange, detach, select, shapes_only, structure_difference
@@ -450,7 +450,14 @@ class Step:
         return _random.keyed(key)
 
     def _loss(
-        self, state: TrainState, key: Tensor, batch: Any, carry: Any, *, differentiate: bool
+        self,
+        state: TrainState,
+        key: Tensor,
+        batch: Any,
+        carry: Any,
+        *,
+        differentiate: bool,
+        anchor: Tensor | None = None,
     ) -> tuple[LossOutput, Any, list[Tensor]]:
         """Run the loss on the state's params and buffers; with ``differentiate``, also its
         gradient. Returns the loss output, the gradients and the buffers as the module left
@@ -460,7 +467,7 @@ class Step:
         if not self.model.training:
             self.model.train()
         if differentiate:
-            leaves = [p.detach().requires_grad_(True) for p in params]
+            leaves = leaves_of(params, anchor)
             return self.forward(
                 leaves, buffers, key, batch, carry, grad=True, wrt=leaves, scale=self.scale(state)
             )
@@ -543,11 +550,16 @@ class Step:
                 factor = value if factor is None else factor * value
         return factor
 
-    def gradient(self, state: TrainState, batch: Any, carry: Any = NO_CARRY) -> GradOut:
-        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``."""
+    def gradient(
+        self, state: TrainState, batch: Any, carry: Any = NO_CARRY, anchor: Tensor | None = None
+    ) -> GradOut:
+        """Run the loss on ``batch`` and return its gradient with respect to ``state.params``
+        (``anchor``: see :func:`leaves_of`)."""
         if self.ensemble is not None:
-            return self.ensemble.gradient(self, state, batch, carry)
-        out, grads, buffers = self._loss(state, state.slots[RNG], batch, carry, differentiate=True)
+            return self.ensemble.gradient(self, state, batch, carry, anchor)
+        out, grads, buffers = self._loss(
+            state, state.slots[RNG], batch, carry, differentiate=True, anchor=anchor
+        )
         metrics = self._metrics(out, batch)
         weight = metrics.pop("weight")
         old = list(state.buffers.values())
@@ -624,20 +636,23 @@ class Step:
         batches: Sequence[Any],
         start: int | None = None,
         donate: bool = False,
+        anchor: Tensor | None = None,
     ) -> TrainState:
         """Run ``batches`` in order, every micro-batch through gradient, stages and optimizer.
 
         ``start`` is the number of micro-batches the state's accumulation window already holds,
         when the caller knows it (then the window's closing is decided in Python); ``None`` reads
         it from the state's tensors. ``donate`` lets the optimizer write into ``state`` (the
-        caller will not use it again). The state must be complete (see :meth:`init`).
+        caller will not use it again). ``anchor`` is how gradients are taken (see
+        :func:`leaves_of`; compiled steps pass one). The state must be complete (see
+        :meth:`init`).
         """
         position = start if self._positions_known else None
         inplace = self.donate or donate
         for batch in batches:
             carry = NO_CARRY if self.split is None else None
             for chunk in self.chunks(batch):
-                out = self.gradient(state, chunk, carry)
+                out = self.gradient(state, chunk, carry, anchor)
                 slots = {**state.slots, RNG: _random.advance(state.slots[RNG])}
                 state = state._replace(buffers=out.buffers, slots=slots)
                 micro = Micro(out.grads, out.weight, out.metrics, position, inplace)
@@ -708,6 +723,19 @@ class Step:
 def _weight_tensor(count: int, device: torch.device) -> Tensor:
     """A batch's sample count as a 0-d float32 tensor (a fill: no copy from the host)."""
     return torch.full((), float(count), dtype=torch.float32, device=device)
+
+
+def leaves_of(params: list[Tensor], anchor: Tensor | None = None) -> list[Tensor]:
+    """Tensors equal to ``params`` (detached from any history) whose gradient autograd takes.
+
+    Without ``anchor``, detached aliases marked ``requires_grad``. With ``anchor`` (a 0-d zero
+    that requires grad), ``p.detach() + anchor``: the same values, made differentiable by
+    arithmetic rather than by ``requires_grad_``, which some compiler releases cannot trace
+    (torch 2.11's). Compiled steps pass one; the extra additions cost nothing in a graph.
+    """
+    if anchor is None:
+        return [p.detach().requires_grad_(True) for p in params]
+    return _ops.add([p.detach() for p in params], anchor)
 
 
 def _flush_with(

@@ -20,7 +20,7 @@ import optree
 import torch
 
 from . import _validate as v
-from ._step import NO_CARRY, RNG, GradOut, Micro, Step, weighted_mean
+from ._step import NO_CARRY, RNG, GradOut, Micro, Step, leaves_of, weighted_mean
 from ._types import Metrics, TrainState
 
 
@@ -84,13 +84,21 @@ class Ensemble(NamedTuple):
     def __repr__(self) -> str:
         return "" if self.batch_axis is None else f", batch_axis={self.batch_axis}"
 
-    def _forward(self, step: Step, state: TrainState, batch: Any, carry: Any, grad: bool) -> Any:
+    def _forward(
+        self,
+        step: Step,
+        state: TrainState,
+        batch: Any,
+        carry: Any,
+        grad: bool,
+        anchor: torch.Tensor | None = None,
+    ) -> Any:
         """The members' loss outputs, metrics and buffers, computed under ``vmap``."""
         params = list(state.params.values())
         if grad and not step.model.training:
             step.model.train()
         if grad:
-            params = [p.detach().requires_grad_(True) for p in params]
+            params = leaves_of(params, anchor)
         has_carry = carry is not NO_CARRY and carry is not None
         start = carry  # NO_CARRY or None when there is nothing to map over
 
@@ -115,8 +123,12 @@ class Ensemble(NamedTuple):
             )
         return params, loss, metrics, buffers, (None if new_carry == () else new_carry)
 
-    def gradient(self, step: Step, state: TrainState, batch: Any, carry: Any) -> GradOut:
-        leaves, loss, metrics, buffers, new_carry = self._forward(step, state, batch, carry, True)
+    def gradient(
+        self, step: Step, state: TrainState, batch: Any, carry: Any, anchor: Any = None
+    ) -> GradOut:
+        leaves, loss, metrics, buffers, new_carry = self._forward(
+            step, state, batch, carry, True, anchor
+        )
         if not loss.requires_grad:
             v.fail(
                 "train_step",
