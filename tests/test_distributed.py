@@ -172,6 +172,7 @@ def worker_main(rank: int, world_size: int, init_method: str, out_dir: str) -> N
         chain_b = ll.chain(pmean(), ll.accumulate(K), ll.track_norm(2), ll.clip(1.0))
         final_b, out["calls_b"] = _train(chain_b, state)
         out["params_b"] = final_b.params
+        out["loss_a"], out["loss_b"] = final_a.metrics["loss"], final_b.metrics["loss"]
 
         # pmean's stage alone: mixed dtypes, the exact weighted mean, the inputs untouched.
         gen = torch.Generator().manual_seed(100 + rank)
@@ -302,6 +303,10 @@ def test_two_ranks_unequal_batches_match_one_process(results, reference, order):
             torch.testing.assert_close(out[f"params_{order}"][name], expected)
     assert results[0]["steps_a"] == STEPS
     torch.testing.assert_close(results[0]["norm_a"], reference.metrics[NORM])
+    # The metrics are reduced with the gradient: every rank reports the whole batch's loss,
+    # not its own shard's.
+    for out in results:
+        torch.testing.assert_close(out[f"loss_{order}"], reference.metrics["loss"])
 
 
 def test_ranks_are_bitwise_identical_after_training(results):
