@@ -1,6 +1,7 @@
 """Peak memory of one workload (default W2) per contestant, each in a fresh process.
 
     python benchmarks/bench_memory.py                       # W2, CPU, 10 optimizer steps
+    python benchmarks/bench_memory.py --contestants hand,looplib,looplib_donated,looplib_fold
     python benchmarks/bench_memory.py --workloads W1,W4 --steps 20 --device cuda
 
 Each contestant runs in its own interpreter (``common.py --memory-child``). The child builds the
@@ -9,6 +10,10 @@ imports and one-time library setup are not counted), takes a baseline, then buil
 contestant and trains ``--steps + 1`` units. Reported: peak growth over the baseline (CPU: peak
 RSS from /proc/self/status VmHWM, reset at the baseline; CUDA: max_memory_allocated minus the
 allocated bytes at the baseline) and its ratio to the hand-written loop's.
+
+``looplib_fold`` runs ``ll.fold(step, state, units)`` over the units (fold copies the state it
+is given once per call and donates the states it makes); ``looplib_donated`` donates the
+contestant's own state on every ``Step.run``.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.set_defaults(workloads="W2", steps=10)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps")
     args = ap.parse_args(argv)
-    c.setup(args)
+    device = c.setup(args)
     workloads = c.parse_list(args.workloads, list(c.WORKLOADS), "workloads")
-    default = [n for n in c.CONTESTANTS if not (args.quick and n.startswith("looplib_c"))]
+    default = c.default_contestants(c.MEMORY_DEFAULT, device, args.quick)
     names = c.parse_list(args.contestants or ",".join(default), c.CONTESTANTS, "contestants")
     steps = 2 if args.quick else args.steps
 
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for key in workloads:
         results = {}
-        for name in names:
+        for name in [n for n in names if c.applicable(n, c.WORKLOADS[key])]:
             peak, method = c.measure_memory(key, name, args.device, steps, args.threads)
             results[name] = (peak, method)
             print(f"  {key} {name}: {c.fmt_mb(peak)} MiB ({method})", flush=True)

@@ -1,8 +1,9 @@
 """Speed of looplib against a hand-written PyTorch loop and PyTorch Lightning.
 
     python benchmarks/bench_speed.py                 # the default run, CPU, 1 thread
-    python benchmarks/bench_speed.py --quick         # a smoke run (well under 30 s)
-    python benchmarks/bench_speed.py --device cuda --threads 4 --json out.json
+    python benchmarks/bench_speed.py --quick         # a smoke run (~10 s; no compiling)
+    python benchmarks/bench_speed.py --workloads W1,W3,W5 --contestants hand,looplib,looplib_compiled
+    python benchmarks/bench_speed.py --device cuda --json out.json
 
 For each workload: an equivalence check (parameters after a few units, against the hand-written
 loop), then ``--repeats`` interleaved repeats of ``--steps`` timed units per contestant, then
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     c.set_clock(args.clock)
     workloads = c.parse_list(args.workloads, list(c.WORKLOADS), "workloads")
     # Compiling takes tens of seconds per workload on a small CPU: --quick leaves it out
-    # unless it is asked for by name.
-    default = [n for n in c.CONTESTANTS if not (args.quick and n.startswith("looplib_c"))]
+    # unless it is asked for by name; CUDA graphs run on CUDA only; looplib_fold is timed only
+    # when asked for (it is bench_memory.py's contestant).
+    default = c.default_contestants(c.SPEED_DEFAULT, device, args.quick)
     names = c.parse_list(args.contestants or ",".join(default), c.CONTESTANTS, "contestants")
     repeats = 2 if args.quick else args.repeats
     with_memory = not (args.no_memory or args.quick)

@@ -7,7 +7,9 @@ compares its parameters with the hand-written loop's; then it times them interle
 process, ``for r in range(repeats): for c in contestants (rotated by r): c.run(burn + steps)``,
 and reports per-unit times and, for every repeat, the ratio to the hand-written loop measured in
 that same repeat. A "unit" is what one row of the table is timed per: one optimizer step (W1, W2,
-W3 = 4 micro-batches) or one batch of 4 TBPTT chunks (W4).
+W3 = 4 micro-batches), one batch of 4 TBPTT chunks (W4) or one update of an ensemble of 8 (W5).
+The looplib contestants run ``Step.run(state, unit_batches, start=0)`` per unit (no host read;
+see ``build_looplib``).
 
 Run the entry points (``bench_speed.py``, ``bench_memory.py``) rather than this module; it is
 also the child process of the memory measurement (``common.py --memory-child ...``).
@@ -51,14 +53,21 @@ LR = 1e-3
 CONTESTANTS = (
     "hand",
     "lightning",
+    "looplib_loop",
     "looplib",
     "looplib_donated",
     "looplib_compiled",
     "looplib_cudagraphs",
+    "looplib_fold",
 )
-"""``looplib_donated`` is the eager step under ``ll.donate`` (in-place updates of a state
-that is never reused); ``looplib_cudagraphs`` is the compiled step under CUDA graphs (``mode="reduce-overhead"``,
-with the donation contract); it runs on CUDA only."""
+"""Every contestant, in table order (see README.md). ``looplib_loop`` runs on ensembles (W5)
+only, ``lightning`` on single models only; ``looplib_cudagraphs`` needs CUDA; ``looplib_fold``
+(one ``ll.fold`` over the timed units) is a memory contestant, timed only when asked for."""
+SPEED_DEFAULT = tuple(n for n in CONTESTANTS if n != "looplib_fold")
+MEMORY_DEFAULT = CONTESTANTS
+COMPILING = ("looplib_compiled", "looplib_cudagraphs")
+"""Contestants that compile (tens of seconds per workload on a small CPU): ``--quick`` leaves
+them out unless asked for by name."""
 CHECK_UNITS = 2
 """Units run before the parameters are compared. Adam turns one-ulp differences (a different but
 equally exact rounding of the update) into differences of up to ``lr`` within a few steps on
@@ -108,7 +117,10 @@ class Workload:
 
     ``micro`` micro-batches make one timed unit (accumulation); ``chunk`` is the TBPTT chunk
     length (one optimizer step per chunk); ``clip`` the max gradient norm (with the total norm
-    tracked as a tensor).
+    tracked as a tensor); ``members`` the size of an ensemble (0: a single model), each member
+    with its own initial weights and its own slice of the batch. ``capturable=False`` marks a
+    model ``torch.compile`` cannot capture whole (nn.LSTM): the compiled contestants run it
+    with ``fallback="eager"`` and say so in their note.
     """
 
     key: str
@@ -123,9 +135,17 @@ class Workload:
     chunk: int | None = None
     seq_len: int = 0
     clip: float | None = None
+    members: int = 0
+    capturable: bool = True
 
     def make_unit(self, gen: torch.Generator) -> Any:
-        """One unit's data (on the CPU): a batch, a list of micro-batches, or a sequence batch."""
+        """One unit's data (on the CPU): a batch, a list of micro-batches, a sequence batch, or
+        (an ensemble) one batch per member stacked on a leading axis."""
+        if self.members:
+            return (
+                torch.randn(self.members, self.batch, self.features, generator=gen),
+                torch.randint(0, 10, (self.members, self.batch), generator=gen),
+            )
         if self.chunk is not None:
             x = torch.randn(self.batch, self.seq_len, self.features, generator=gen)
             y = torch.randint(0, 10, (self.batch, self.seq_len), generator=gen)
@@ -186,6 +206,18 @@ WORKLOADS: dict[str, Workload] = {
             burn=5,
             chunk=16,
             seq_len=64,
+            capturable=False,
+        ),
+        Workload(
+            "W5",
+            "ensemble of 8 x W1 (own weights, own batch each), Adam",
+            "update of all 8 members (8 optimizer steps)",
+            lambda: mlp(32, 64, 64, 10),
+            batch=32,
+            features=32,
+            steps=100,
+            burn=10,
+            members=8,
         ),
     )
 }
@@ -204,7 +236,7 @@ def set_clock(name: str) -> None:
     clock = CLOCKS[name]
 
 
-QUICK_STEPS = {"W1": 20, "W2": 3, "W3": 20, "W4": 3}
+QUICK_STEPS = {"W1": 20, "W2": 3, "W3": 20, "W4": 3, "W5": 5}
 
 
 def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -235,16 +267,17 @@ def to_device(tree: Any, device: torch.device) -> Any:
 
 @dataclass
 class Problem:
-    """A workload made concrete: initial weights and a pool of batches, on the device."""
+    """A workload made concrete: initial weights (one set per ensemble member, else one) and a
+    pool of batches, on the device."""
 
     workload: Workload
     device: torch.device
-    init_weights: dict[str, torch.Tensor]
+    init_weights: list[dict[str, torch.Tensor]]
     pool: list[Any]
 
-    def fresh_model(self) -> nn.Module:
+    def fresh_model(self, member: int = 0) -> nn.Module:
         model = self.workload.make_model().to(self.device)
-        model.load_state_dict(copy.deepcopy(self.init_weights))
+        model.load_state_dict(copy.deepcopy(self.init_weights[member]))
         return model
 
     def units(self, n: int, offset: int = 0) -> list[Any]:
@@ -253,10 +286,20 @@ class Problem:
 
 def make_problem(w: Workload, device: torch.device, pool_size: int, seed: int = 0) -> Problem:
     torch.manual_seed(seed)
-    init = {k: v.detach().clone().to(device) for k, v in w.make_model().state_dict().items()}
+    init = [
+        {k: v.detach().clone().to(device) for k, v in w.make_model().state_dict().items()}
+        for _ in range(max(w.members, 1))
+    ]
     gen = torch.Generator().manual_seed(seed + 1)
     pool = [to_device(w.make_unit(gen), device) for _ in range(pool_size)]
     return Problem(w, device, init, pool)
+
+
+def unit_batches(w: Workload, unit: Any) -> list[Any]:
+    """The batches of one unit, as ``Step.run`` takes them: the micro-batches of one update
+    (W3), else ``[unit]`` (one batch; W4's is split into chunks by the step, W5's is one batch
+    per member stacked on axis 0)."""
+    return unit if w.micro > 1 else [unit]
 
 
 # ------------------------------------------------------------------------------- contestants
@@ -273,7 +316,9 @@ class Skip(Exception):
 
 
 class Eager:
-    """A contestant driven one unit at a time from Python: ``hand``, ``looplib``, compiled."""
+    """A contestant driven one unit at a time from Python: ``hand`` and every looplib variant
+    but ``looplib_fold``. ``do_unit`` must not read a device value on the host (on CUDA that
+    would be a sync per unit; the harness counts them, see :func:`host_syncs`)."""
 
     def __init__(
         self,
@@ -307,6 +352,8 @@ class Eager:
 
 def build_hand(p: Problem) -> Eager:
     w = p.workload
+    if w.members:
+        return build_hand_ensemble(p)
     model = p.fresh_model()
     opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=True)
     params = list(model.parameters())
@@ -348,7 +395,27 @@ def build_hand(p: Problem) -> Eager:
     return Eager(p, do_unit, lambda: dict(model.named_parameters()))
 
 
+def build_hand_ensemble(p: Problem) -> Eager:
+    """W5's reference: one hand-written loop per member, run one after the other per unit."""
+    n = p.workload.members
+    models = [p.fresh_model(i) for i in range(n)]
+    opts = [torch.optim.Adam(m.parameters(), lr=LR, foreach=True) for m in models]
+
+    def do_unit(unit: Any) -> None:
+        x, y = unit
+        for i in range(n):
+            mlp_loss(models[i], (x[i], y[i])).backward()
+            opts[i].step()
+            opts[i].zero_grad(set_to_none=True)
+
+    def params() -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.named_parameters()}
+
+    return Eager(p, do_unit, params)
+
+
 def looplib_step(p: Problem, model: nn.Module, opt: ll.Optimizer) -> ll.Step:
+    """The eager looplib step of a workload (for W5: one member's; see :func:`build_looplib`)."""
     w = p.workload
     if w.chunk is not None:
         return ll.chain(ll.tbptt_split(w.chunk))(ll.train_step(model, lstm_loss, opt))
@@ -361,44 +428,170 @@ def looplib_step(p: Problem, model: nn.Module, opt: ll.Optimizer) -> ll.Step:
     return base
 
 
-def build_looplib(
-    p: Problem, compiled: bool = False, cudagraphs: bool = False, donated: bool = False
-) -> Eager:
-    if compiled and not hasattr(ll, "compile"):
-        raise Skip("looplib has no compile() in this version")
-    if cudagraphs and p.device.type != "cuda":
-        raise Skip("CUDA graphs need a CUDA device")
-    model = p.fresh_model()
-    opt = ll.optim.adam(lr=LR)
-    step = looplib_step(p, model, opt)
-    if donated:
-        step = ll.donate(step)
-    if cudagraphs:
-        # Donation: each state is passed to the step once and never used again.
-        step = ll.compile(step, mode="reduce-overhead", donate=True)  # type: ignore[attr-defined]
-    elif compiled:
-        step = ll.compile(step)  # type: ignore[attr-defined]
-    box = [ll.init(model, opt)]
+def first_batch(w: Workload, unit: Any) -> Any:
+    """The example batch ``Step.init`` completes the state with (one micro-batch of W3)."""
+    return unit_batches(w, unit)[0]
 
-    if p.workload.micro > 1:
+
+def looplib_state(p: Problem, step: ll.Step, opt: ll.Optimizer) -> Any:
+    """The contestant's own complete state: ``ll.init`` (copies of the initial weights; for W5
+    one state per member, ``ll.stack``-ed), then ``step.init`` once with the first batch, so
+    that no timed unit completes it."""
+    w = p.workload
+    if w.members:
+        state = ll.stack([ll.init(p.fresh_model(i), opt, seed=i) for i in range(w.members)])
+    else:
+        state = ll.init(p.fresh_model(), opt, seed=0)
+    return step.init(state, first_batch(w, p.pool[0]))
+
+
+def looplib_params(w: Workload, state: Any) -> dict[str, torch.Tensor]:
+    if not w.members:
+        return state.params
+    return {f"{i}.{k}": v for i, s in enumerate(ll.unstack(state)) for k, v in s.params.items()}
+
+
+VARIANTS = {
+    # name: (donate, compile mode or None for eager)
+    "looplib": (False, None),
+    "looplib_donated": (True, None),
+    "looplib_compiled": (True, "default"),
+    "looplib_cudagraphs": (True, "reduce-overhead"),
+}
+
+
+def build_looplib(p: Problem, name: str = "looplib") -> Eager:
+    """A looplib contestant: ``state = step.run(state, unit_batches, 0, donate)`` per unit.
+
+    Why ``Step.run`` with ``start=0`` and not ``ll.fold`` or ``step(state, batch)`` per unit:
+    every unit is one whole accumulation window (W3) or a window of one, so the window position
+    at its start is known to be 0, and ``run`` decides which micro-batch closes the window in
+    Python, with no host read. ``fold`` reads the position from the state once per call (a sync
+    on a GPU, once per unit if called per unit) and copies the state it is given before donating
+    the copies; ``step(state, batch)`` runs one micro-batch per call and checks the state's
+    structure each time. The state is completed once, before timing (:func:`looplib_state`).
+
+    Variants (``VARIANTS``): ``looplib`` the pure eager step; ``looplib_donated`` the same with
+    ``donate=True`` on the contestant's own state (what ``fold``/``fit`` do with the states they
+    make); ``looplib_compiled`` ``ll.compile(step).run(..., donate=True)``; ``looplib_cudagraphs``
+    ``ll.compile(step, mode="reduce-overhead", donate=True)`` (CUDA only). W5 runs
+    ``ll.vmap(step, batch_axis=0)`` on a stacked state. A workload the compiler cannot capture
+    (W4's LSTM) compiles with ``fallback="eager"``, and the row's note says it fell back.
+    """
+    w = p.workload
+    donate, mode = VARIANTS[name]
+    if mode is not None and not hasattr(ll, "compile"):
+        raise Skip("looplib has no compile() in this version")
+    if mode == "reduce-overhead" and p.device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
+    opt = ll.optim.adam(lr=LR)
+    step = looplib_step(p, p.fresh_model(), opt)
+    if w.members:
+        step = ll.vmap(step, batch_axis=0)
+    state = looplib_state(p, step, opt)
+    runner: Any = step
+    if mode is not None:
+        fallback = "raise" if w.capturable else "eager"
+        if mode == "default":
+            runner = ll.compile(step, fallback=fallback)
+        else:
+            runner = ll.compile(step, mode=mode, donate=True, fallback=fallback)
+    box = [state]
+    del state
+
+    if w.micro > 1:
 
         def do_unit(unit: Any) -> None:
-            state = box[0]
-            for mb in unit:
-                state = step(state, mb)
-            box[0] = state
+            box[0] = runner.run(box[0], unit, 0, donate)
 
     else:
 
         def do_unit(unit: Any) -> None:
-            box[0] = step(box[0], unit)
+            box[0] = runner.run(box[0], [unit], 0, donate)
 
     def note() -> str:
-        if compiled and getattr(step, "eager", False):
-            return f"compile fell back to eager: {getattr(step, 'error', '')}"[:200]
+        if mode is not None and getattr(runner, "eager", False):
+            return f"compile fell back to eager (fallback='eager'): {runner.error}"[:200]
         return ""
 
-    return Eager(p, do_unit, lambda: box[0].params, note)
+    return Eager(p, do_unit, lambda: looplib_params(w, box[0]), note)
+
+
+def build_looplib_loop(p: Problem) -> Eager:
+    """W5 without ``vmap``: one eager looplib step (one step object, one state per member), run
+    on each member's slice of the unit in turn: ``states[i] = step.run(states[i], [(x[i],
+    y[i])], 0)``."""
+    w = p.workload
+    if not w.members:
+        raise Skip("an ensemble workload (W5) only")
+    opt = ll.optim.adam(lr=LR)
+    step = looplib_step(p, p.fresh_model(), opt)
+    x0, y0 = p.pool[0]
+    states = [
+        step.init(ll.init(p.fresh_model(i), opt, seed=i), (x0[i], y0[i])) for i in range(w.members)
+    ]
+
+    def do_unit(unit: Any) -> None:
+        x, y = unit
+        for i in range(w.members):
+            states[i] = step.run(states[i], [(x[i], y[i])], 0)
+
+    def params() -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, s in enumerate(states) for k, v in s.params.items()}
+
+    return Eager(p, do_unit, params)
+
+
+class Folded:
+    """``looplib_fold``: ``state = ll.fold(step, state, batches)`` over a whole range of units
+    (the first unit, the burn-in, the timed units: three calls), on the eager pure step. ``fold``
+    completes the state, reads the window position once per call, copies the state it is
+    given and donates the states it makes, as ``ll.fit`` does."""
+
+    def __init__(self, p: Problem) -> None:
+        w = p.workload
+        self.problem = p
+        opt = ll.optim.adam(lr=LR)
+        step = looplib_step(p, p.fresh_model(), opt)
+        self.step = ll.vmap(step, batch_axis=0) if w.members else step
+        if w.members:
+            members = [ll.init(p.fresh_model(i), opt, seed=i) for i in range(w.members)]
+            self.state = ll.stack(members)
+        else:
+            self.state = ll.init(p.fresh_model(), opt, seed=0)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return looplib_params(self.problem.workload, self.state)
+
+    def _fold(self, units: list[Any]) -> None:
+        w = self.problem.workload
+        if units:
+            batches = [b for u in units for b in unit_batches(w, u)]
+            self.state = ll.fold(self.step, self.state, batches)
+
+    def run(self, units: list[Any], burn: int) -> Timing:
+        dev = self.problem.device
+        sync(dev)
+        start = clock()
+        self._fold(units[:1])
+        sync(dev)
+        first = clock()
+        self._fold(units[1:burn])
+        sync(dev)
+        t0 = clock()
+        self._fold(units[burn:])
+        sync(dev)
+        t1 = clock()
+        return Timing(first - start, t1 - t0)
+
+
+def applicable(name: str, w: Workload) -> bool:
+    """Whether a contestant has a row for this workload at all (otherwise it is left out)."""
+    if name == "looplib_loop":
+        return bool(w.members)
+    if name == "lightning":
+        return not w.members
+    return True
 
 
 # -- Lightning
@@ -543,15 +736,15 @@ def build(name: str, p: Problem) -> Any:
     """A fresh contestant; raises :class:`Skip` when it cannot run here."""
     if name == "hand":
         return build_hand(p)
-    if name == "looplib":
-        return build_looplib(p)
-    if name == "looplib_donated":
-        return build_looplib(p, donated=True)
-    if name == "looplib_compiled":
-        return build_looplib(p, compiled=True)
-    if name == "looplib_cudagraphs":
-        return build_looplib(p, compiled=True, cudagraphs=True)
+    if name in VARIANTS:
+        return build_looplib(p, name)
+    if name == "looplib_loop":
+        return build_looplib_loop(p)
+    if name == "looplib_fold":
+        return Folded(p)
     if name == "lightning":
+        if p.workload.members:
+            raise Skip("no ensemble recipe for Lightning")
         return LightningRunner(p)
     raise ValueError(name)
 
@@ -586,6 +779,7 @@ class Row:
     close: bool | None = None
     mem_bytes: int | None = None
     mem_ratio: float | None = None
+    syncs: int | None = None  # CUDA only: host syncs torch's sync debug mode saw in one unit
     note: str = ""
 
 
@@ -594,6 +788,25 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
         return min(xs), max(xs)
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return q[0], q[2]
+
+
+def host_syncs(runner: Any, unit: Any) -> int | None:
+    """How many synchronizing CUDA operations (``.item()``, ``bool(tensor)``, a copy to the
+    host, ...) one unit of ``runner`` makes, as counted by ``torch.cuda.set_sync_debug_mode
+    ("warn")``; ``None`` for a contestant not driven a unit at a time (Lightning, fold)."""
+    do_unit = getattr(runner, "do_unit", None)
+    if do_unit is None:
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            do_unit(unit)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(m.message) for m in caught)
 
 
 def time_workload(
@@ -605,9 +818,13 @@ def time_workload(
     burn: int,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Check equivalence, then time the contestants interleaved; one :class:`Row` each."""
+    """Check equivalence, then time the contestants interleaved; one :class:`Row` each.
+
+    Contestants that do not apply to the workload (``lightning`` on the ensemble, the
+    ``looplib_loop`` baseline on single models) get no row."""
     n_units = burn + steps
     problem = make_problem(w, device, pool_size=min(max(n_units, CHECK_UNITS + 1), 64))
+    names = [n for n in names if applicable(n, w)]
     rows = {n: Row(w.key, n) for n in names}
 
     # 0. Warm the process (autograd engine, kernel caches) on a throwaway hand loop, so that
@@ -642,6 +859,11 @@ def time_workload(
     if "hand" in rows and "hand" in runners:
         rows["hand"].diff, rows["hand"].close = 0.0, True
     live = [n for n in names if n in runners]
+
+    # 2. On CUDA, the host syncs of one unit (torch's sync debug mode; not timed).
+    if device.type == "cuda":
+        for n in live:
+            rows[n].syncs = host_syncs(runners[n], problem.units(1, offset=CHECK_UNITS)[0])
     gc.collect()
 
     # 3. Interleaved repeats, the order rotated each repeat.
@@ -685,10 +907,23 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def _prime(name: str, device: torch.device) -> None:
-    """Run the contestant's code once on a throwaway tiny problem, so that lazy imports and
-    one-time initialisations of the library are not counted as training memory."""
-    tiny = Workload("prime", "", "", lambda: mlp(4, 10), batch=2, features=4, steps=2, burn=1)
+def _prime(name: str, w: Workload, device: torch.device) -> None:
+    """Run the contestant's code once on a throwaway tiny problem shaped like ``w`` (its
+    accumulation, clipping, ensemble), so that lazy imports and one-time initialisations of the
+    library are not counted as training memory."""
+    tiny = Workload(
+        "prime",
+        "",
+        "",
+        lambda: mlp(4, 10),
+        batch=2,
+        features=4,
+        steps=2,
+        burn=1,
+        micro=w.micro,
+        clip=w.clip,
+        members=min(w.members, 2),
+    )
     p = make_problem(tiny, device, pool_size=3)
     c = build(name, p)
     c.run(p.units(3), burn=1)
@@ -706,7 +941,7 @@ def memory_child(workload: str, name: str, device: torch.device, steps: int) -> 
     baseline.
     """
     w = WORKLOADS[workload]
-    _prime(name, device)
+    _prime(name, w, device)
     problem = make_problem(w, device, pool_size=min(steps + 1, 64))
     units = problem.units(steps + 1)
     gc.collect()
@@ -832,6 +1067,9 @@ def markdown(rows: list[Row], with_memory: bool) -> str:
     ]
     if with_memory:
         head += ["peak mem growth (MiB)", "mem ratio"]
+    with_syncs = any(r.syncs is not None for r in rows)
+    if with_syncs:
+        head += ["host syncs / unit"]
     head += ["max abs diff vs hand", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -854,6 +1092,8 @@ def markdown(rows: list[Row], with_memory: bool) -> str:
                 fmt_mb(r.mem_bytes),
                 f"{r.mem_ratio:.2f}x" if r.mem_ratio is not None else "-",
             ]
+        if with_syncs:
+            cells.append("-" if r.syncs is None else str(r.syncs))
         diff = "-" if r.diff is None else f"{r.diff:.1e}" + ("" if r.close else " MISMATCH")
         cells += [diff, r.note]
         lines.append("| " + " | ".join([r.workload, r.contestant, *cells]) + " |")
@@ -874,7 +1114,7 @@ def to_json(rows: list[Row], info: dict[str, Any], settings: dict[str, Any]) -> 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of W1..W4")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of W1..W5")
     ap.add_argument(
         "--contestants",
         default=None,
@@ -882,6 +1122,17 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--steps", type=int, default=None, help="timed units per repeat")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def default_contestants(names: Sequence[str], device: torch.device, quick: bool) -> list[str]:
+    """The contestants run when ``--contestants`` is not given: CUDA graphs only on CUDA, and
+    no compiling under ``--quick``."""
+    return [
+        n
+        for n in names
+        if not (quick and n in COMPILING)
+        and not (n == "looplib_cudagraphs" and device.type != "cuda")
+    ]
 
 
 def setup(args: argparse.Namespace) -> torch.device:

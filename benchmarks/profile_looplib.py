@@ -3,12 +3,14 @@
     python benchmarks/profile_looplib.py                  # W1 and W3, CPU, 1 thread
     python benchmarks/profile_looplib.py --workloads W1 --cprofile --torch-profiler
 
-Three views, each per optimizer step (W3: per micro-batch call and per update):
+Three views, each per unit (one update; W3: 4 micro-batches):
 
-1. pieces: median microseconds of each part of the step, timed in isolation on the same state
-   and batch (``functional_call`` forward against a plain forward, ``autograd.grad`` against
-   ``backward``, the pure Adam update against ``torch.optim.Adam.step``, the structure check,
-   the metrics dict, ...);
+1. pieces: the fastest mean microseconds of each part of a unit, timed in isolation on the same
+   state and batch: the unit as the benchmark drives it (``Step.run(state, batches, 0)``) and
+   the other ways to call a step (donated, ``start=None``, ``step(state, batch)`` per
+   micro-batch, ``ll.fold`` per unit), then the pieces of one micro-batch (``gradient``, the
+   stages' ``apply``, the pure Adam against ``torch.optim.Adam.step``, ...). Parts timed alone
+   run warmer than inside a whole unit, so they rank costs rather than add up;
 2. ``--cprofile``: the Python functions with the most own time, per step;
 3. ``--torch-profiler``: the operators with the most self CPU time, per step, and how many
    operator calls each step makes.
@@ -55,14 +57,16 @@ def us(fn: Callable[[], Any], number: int, repeats: int = 15) -> float:
 
 
 def pieces(w: c.Workload, number: int) -> list[tuple[str, float]]:
-    """Microseconds per call of each part of one looplib micro-step, and of the hand loop's."""
+    """Microseconds per call of each part of one looplib unit, and of the hand loop's."""
     dev = torch.device("cpu")
     p = c.make_problem(w, dev, pool_size=8)
     unit = p.pool[0]
-    batch = unit[0] if w.micro > 1 else unit
+    batches = c.unit_batches(w, unit)
+    batch = batches[0]
     rows: list[tuple[str, float]] = []
 
     # Hand-written loop.
+    hand = c.build_hand(p)
     model = p.fresh_model()
     adam = torch.optim.Adam(model.parameters(), lr=c.LR, foreach=True)
     params = list(model.parameters())
@@ -72,17 +76,9 @@ def pieces(w: c.Workload, number: int) -> list[tuple[str, float]]:
         for q in params:
             q.grad = None
 
-    def hand_fwd() -> None:
-        c.mlp_loss(model, batch)
-
-    def hand_unit() -> None:
-        c.mlp_loss(model, batch).backward()
-        adam.step()
-        adam.zero_grad(set_to_none=True)
-
-    rows.append(("hand: whole step (forward, backward, Adam, zero_grad)", us(hand_unit, number)))
-    rows.append(("hand: forward (grad mode)", us(hand_fwd, number)))
-    rows.append(("hand: forward + backward", us(hand_fwd_bwd, number)))
+    rows.append(("hand: whole unit", us(lambda: hand.do_unit(unit), number)))
+    rows.append(("hand: forward", us(lambda: c.mlp_loss(model, batch), number)))
+    rows.append(("hand: forward + backward (one micro-batch)", us(hand_fwd_bwd, number)))
     c.mlp_loss(model, batch).backward()  # Adam skips parameters without a gradient
     rows.append(("hand: torch.optim.Adam(foreach).step", us(adam.step, number)))
     if w.clip is not None:
@@ -92,173 +88,127 @@ def pieces(w: c.Workload, number: int) -> list[tuple[str, float]]:
                 us(lambda: torch.nn.utils.clip_grad_norm_(params, w.clip), number),
             )
         )
-    rows.append(("hand: zero_grad(set_to_none=True)", us(adam.zero_grad, number)))
 
-    # looplib.
-    model = p.fresh_model()
+    # looplib: the whole unit, as the benchmark drives it, and the other ways to call a step.
     opt = ll.optim.adam(lr=c.LR)
-    step = c.looplib_step(p, model, opt)
-    base = ll.train_step(model, c.mlp_loss, opt)
-    state = step(step(ll.init(model, opt), batch), batch)
-    start = step.init(state)
-    rows.append(("looplib: whole step(state, batch)", us(lambda: step(state, batch), number)))
+    step = c.looplib_step(p, p.fresh_model(), opt)
+    state = c.looplib_state(p, step, opt)
+    owned = [ll._fold.own(state)]
+
+    def donated() -> None:
+        owned[0] = step.run(owned[0], batches, 0, donate=True)
+
     rows.append(
         (
-            "looplib: step.gradient (fwd + bwd + metrics)",
-            us(lambda: step.gradient(start, batch), number),
+            "looplib: step.run(state, batches, 0) (the benchmark's unit)",
+            us(lambda: step.run(state, batches, 0), number),
+        )
+    )
+    rows.append(("looplib: step.run(..., donate=True)", us(donated, number)))
+    rows.append(
+        (
+            "looplib: step.run(state, batches) (start=None: window by select)",
+            us(lambda: step.run(state, batches), number),
+        )
+    )
+    rows.append(
+        (
+            "looplib: step(state, b) per micro-batch (init + checks each call)",
+            us(lambda: [step(state, b) for b in batches], number),
+        )
+    )
+    rows.append(
+        (
+            "looplib: ll.fold(step, state, batches) (one unit per call)",
+            us(lambda: ll.fold(step, state, batches), number),
         )
     )
 
-    leaves = [q.detach().requires_grad_(True) for q in start.params.values()]
+    # The pieces of one micro-batch.
+    out = step.gradient(state, batch)
+    rows.append(
+        (
+            "looplib: step.gradient (swap, fwd, autograd.grad, metrics)",
+            us(lambda: step.gradient(state, batch), number),
+        )
+    )
+    plist = list(state.params.values())
+    blist = list(state.buffers.values())
+    key = state.slots["rng"]
+    noc = ll._step.NO_CARRY
+    rows.append(
+        (
+            "  step.forward, no grad (Swapper + loss)",
+            us(lambda: step.forward(plist, blist, key, batch, noc, grad=False), number),
+        )
+    )
     rows.append(
         (
             "  detach().requires_grad_() of the params",
-            us(lambda: [q.detach().requires_grad_(True) for q in start.params.values()], number),
-        )
-    )
-    tensors = dict(zip(step._names, leaves, strict=True))
-
-    def fc_forward() -> Any:
-        with torch.enable_grad():
-            return torch.func.functional_call(
-                step._bound, tensors, (batch, ll._step.NO_CARRY), strict=True
-            )
-
-    def plain_forward() -> Any:
-        with torch.enable_grad():
-            return c.mlp_loss(model, batch)
-
-    rows.append(("  functional_call forward", us(fc_forward, number)))
-    rows.append(("  plain forward of the template (same module)", us(plain_forward, number)))
-    fc = torch.func.functional_call
-    args = (batch, ll._step.NO_CARRY)
-    rows.append(
-        (
-            "    alt: functional_call(strict=False)",
-            us(lambda: fc(step._bound, tensors, args), number),
+            us(lambda: [q.detach().requires_grad_(True) for q in plist], number),
         )
     )
     rows.append(
         (
-            "    alt: functional_call(strict=True, tie_weights=False)",
-            us(lambda: fc(step._bound, tensors, args, strict=True, tie_weights=False), number),
+            "  step._metrics (weight, dict)",
+            us(lambda: step._metrics(ll._step.LossOutput(out.metrics["loss"]), batch), number),
         )
     )
     rows.append(
-        (
-            "    alt: functional_call(strict=False, tie_weights=False)",
-            us(lambda: fc(step._bound, tensors, args, tie_weights=False), number),
-        )
+        ("  rng key advance (every micro-batch)", us(lambda: ll._random.advance(key), number))
     )
-    slots = []
-    for name in step._names:
-        *path, attr = name.split(".")
-        mod = step._bound
-        for part in path:
-            mod = getattr(mod, part)
-        slots.append((mod, attr, getattr(mod, attr)))
-
-    def swap_forward() -> Any:
-        # Precomputed (module, name) slots: swap the leaves in, run, swap the originals back.
-        for (mod, attr, _), leaf in zip(slots, leaves, strict=True):
-            mod._parameters[attr] = leaf
-        try:
-            with torch.enable_grad():
-                return step._bound(*args)
-        finally:
-            for mod, attr, orig in slots:
-                mod._parameters[attr] = orig
-
-    rows.append(("    alt: cached _parameters swap, no checks", us(swap_forward, number)))
-
-    def fc_grad() -> Any:
-        return torch.autograd.grad(fc_forward(), leaves, allow_unused=True, materialize_grads=True)
-
-    rows.append(("  functional_call forward + autograd.grad", us(fc_grad, number)))
-    out = ll._step._as_loss_output(fc_forward())
-    rows.append(("  _as_loss_output", us(lambda: ll._step._as_loss_output(out.loss), number)))
+    micro = ll._step.Micro(out.grads, out.weight, out.metrics, 0, False)
     rows.append(
         (
-            "  _metrics (sample_count, weight tensor, dict)",
-            us(lambda: step._metrics(out, batch), number),
+            "looplib: step.apply (stages + optimizer), window position 0",
+            us(lambda: step.apply(state, micro), number),
         )
     )
-    rows.append(("    sample_count(batch)", us(lambda: ll.sample_count(batch), number)))
-    rows.append(("    torch.tensor(float(n))", us(lambda: torch.tensor(32.0), number)))
-
-    grads = step.gradient(start, batch).grads
-    rows.append(
-        (
-            "looplib: opt.update (pure Adam)",
-            us(lambda: opt.update(grads, start.opt_state, start.params), number),
-        )
-    )
-    count = start.opt_state.count
-    p0 = next(iter(start.params.values()))
-
-    def adam_scalars() -> Any:
-        t = (count + 1).to(device=p0.device, dtype=torch.float32)
-        bc1 = 1 - torch.pow(0.9, t)
-        bc2 = 1 - torch.pow(0.999, t)
-        return torch.sqrt(bc2), c.LR / bc1, count + 1
-
-    rows.append(("  of which bias-correction scalars as tensors", us(adam_scalars, number)))
-    rows.append(("  of which _groups(params)", us(lambda: ll.optim._groups(start.params), number)))
-    rows.append(("looplib: step.init(state)", us(lambda: step.init(state), number)))
-    new = step(state, batch)
-    rows.append(("looplib: _check(before, after)", us(lambda: step._check(start, new), number)))
-    rows.append(
-        (
-            "  of which optree.tree_structure(state)",
-            us(
-                lambda: ll._tree.optree.tree_structure(
-                    ll._tree.without_metrics(new), none_is_leaf=True
-                ),
-                number,
-            ),
-        )
-    )
-    rows.append(("looplib: after(state) host checks", us(lambda: step.after(new), number)))
-    rows.append(("looplib: state.step + 1", us(lambda: start.step + 1, number)))
     if w.micro > 1:
-        k = w.micro
-        g, wt = grads, torch.tensor(32.0)
+        last = micro._replace(position=w.micro - 1)
         rows.append(
             (
-                "looplib: the stages' apply (accumulate, track_norm, clip, Adam) per micro-batch",
-                us(lambda: step.apply(start, g, wt), number),
+                f"looplib: step.apply, position {w.micro - 1} (closes the window)",
+                us(lambda: step.apply(state, last), number),
             )
         )
         rows.append(
             (
-                "  track_norm + clip: two _foreach_norm + stack + vector_norm",
-                us(lambda: ll.clip_by_global_norm(g, 1.0), number) * 2,
+                "  clip_by_global_norm (one norm)",
+                us(lambda: ll.clip_by_global_norm(out.grads, 1.0), number),
             )
         )
-        rows.append(
-            (
-                "  accumulate: _foreach_mul + _foreach_add + 2 scalar adds",
-                us(
-                    lambda: (
-                        torch._foreach_add(
-                            list(g.values()), torch._foreach_mul(list(g.values()), wt)
-                        ),
-                        count + 1,
-                        wt + wt,
-                    ),
-                    number,
-                ),
-            )
+    rows.append(
+        (
+            "  opt.update (pure Adam)",
+            us(lambda: opt.update(out.grads, state.opt_state, state.params), number),
         )
-        full = torch.tensor(True)
-        rows.append(("  accumulate: bool(full) host branch", us(lambda: bool(full), number)))
-        base_state = base(ll.init(model, opt), batch)
-        rows.append(
-            (
-                f"looplib: unwrapped train_step (k={k} uses it 1/{k} of the calls)",
-                us(lambda: base(base_state, batch), number),
-            )
+    )
+    work = ll._fold.own(state)
+    rows.append(
+        (
+            "  opt.update_ (in place, donated)",
+            us(lambda: opt.update_(out.grads, work.opt_state, work.params), number),
         )
+    )
+    rows.append(
+        (
+            "  opt.hyperparams (lr reported every update)",
+            us(lambda: opt.hyperparams(state.opt_state), number),
+        )
+    )
+    rows.append(
+        (
+            "looplib: step.check_structure(state) (cached)",
+            us(lambda: step.check_structure(state), number),
+        )
+    )
+    rows.append(
+        ("looplib: step.init(state) (complete: no probe)", us(lambda: step.init(state), number))
+    )
+    rows.append(
+        ("looplib: ll._fold.own(state) (fold's copy)", us(lambda: ll._fold.own(state), number))
+    )
     return rows
 
 
@@ -305,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {t:.1f} |")
         p = c.make_problem(w, torch.device("cpu"), pool_size=8)
         for label, build in (("hand", c.build_hand), ("looplib", c.build_looplib)):
+            # do_unit is the benchmark's unit: Step.run(state, batches, start=0).
             runner = build(p)
             units = iter(p.units(10**6))
 
