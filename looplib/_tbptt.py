@@ -12,21 +12,29 @@ from ._step import Split
 from ._transform import Transformer, split_transformer
 
 
+def _longest(lengths: list[int]) -> int:
+    """The largest of ``lengths``, 0 for none (a plain loop: the compiler traces it)."""
+    longest = 0
+    for n in lengths:
+        longest = n if n > longest else longest
+    return longest
+
+
 def _time_length(node: Any, top: bool) -> int:
     """The longest time axis under ``node`` (0 where there is none)."""
     if isinstance(node, torch.Tensor):
         return int(node.shape[1]) if node.dim() >= 2 else 0
     if isinstance(node, Mapping):
-        return max((_time_length(x, False) for x in node.values()), default=0)
+        return _longest([_time_length(x, False) for x in node.values()])
     if (
         isinstance(node, list)
         and not top
         and node
         and all(isinstance(x, torch.Tensor) for x in node)
     ):
-        return max(int(x.shape[0]) if x.dim() >= 1 else 0 for x in node)
+        return _longest([int(x.shape[0]) if x.dim() >= 1 else 0 for x in node])
     if isinstance(node, (list, tuple)):
-        return max((_time_length(x, False) for x in node), default=0)
+        return _longest([_time_length(x, False) for x in node])
     return 0
 
 
