@@ -42,12 +42,22 @@ def new_key(seed: int | None, device: torch.device) -> Tensor:
     """A fresh key ``[seed, 0]``; without a seed, one is drawn from torch's global generator."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    if device not in _ONES:
+        _ONES[device] = torch.tensor([0, 1], dtype=torch.int64, device=device)
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
 def advance(key: Tensor) -> Tensor:
     """The key of the next micro-batch: the counter plus one."""
-    return key + torch.arange(2, dtype=key.dtype, device=key.device)
+    one = _ONES.get(key.device)
+    if one is None:  # not prepared for this device: build it (one more small kernel)
+        one = torch.arange(2, dtype=key.dtype, device=key.device)
+    return key + one
+
+
+_ONES: dict[torch.device, Tensor] = {}
+"""``[0, 1]`` per device, made by :func:`new_key` (outside any compiled code, so a compiled
+step only reads this table); nothing ever writes into these tensors."""
 
 
 def _h(x: Tensor) -> Tensor:
