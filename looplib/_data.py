@@ -126,7 +126,7 @@ def epoch_source(
         set_epoch = getattr(getattr(train_batches, "sampler", None), "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)
-        return train_batches  # type: ignore[no-any-return]
+        return train_batches
 
     if overfit_fraction > 0:
         first = list(batches(0))

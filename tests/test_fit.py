@@ -570,7 +570,9 @@ def test_non_finite_loss_raises_and_keeps_the_last_good_state() -> None:
     epochs = [tagged_batches(4, sizes=(2, 3)) for _ in range(2)]
     epochs[1][2] = (torch.full((3, 2), math.nan), torch.zeros(3), torch.zeros(3))
     step, state = setup()
-    with pytest.raises(NonFiniteLossError, match=re.escape("fit: an update at step 6 was not")) as e:
+    with pytest.raises(
+        NonFiniteLossError, match=re.escape("fit: an update at step 6 was not")
+    ) as e:
         fit(step, state, lambda e: epochs[e], max_epochs=5, progress=False)
     err = e.value
     assert (err.epoch, err.step) == (1, 6)
