@@ -407,6 +407,7 @@ class _Run:
         self.epoch, self.ran, self.reached = epoch, first, False
         self.pending: list[torch.Tensor] = []
         self.since = self.calls = 0
+        self.deferred = False
         self.bar = _bar(self.progress, epoch, total, first)
         self.where.context = f"epoch {epoch}, "
         try:
@@ -450,7 +451,11 @@ class _Run:
             self.since += 1 if step.window > 1 else group
         self.calls += 1
         here = Position(self.epoch, ran, self.done)
-        save = self.ckpt is not None and self.ckpt.due(here, epoch_end=False)
+        save = self.ckpt is not None and (self.ckpt.due(here, epoch_end=False) or self.deferred)
+        # A mid-epoch checkpoint is taken between accumulation windows only (one host read of
+        # the window's count): an open window holds gradients the guard has not yet seen.
+        self.deferred = save and step.window > 1 and step.position(work) != 0
+        save = save and not self.deferred
         near = self.max_steps is not None and self.step_count + self.since >= self.max_steps
         if save or near or self.calls >= self.log_every:
             self.read(work)

@@ -19,7 +19,7 @@ Example:
     ...     log.log_step(10, {"loss": 0.5})
     ...     log.log_epoch({"epoch": 0, "step": 10, "loss": 0.5})
     ...     log.close()
-    ...     print(open(os.path.join(d, "log.jsonl")).read().strip())
+    ...     print(Path(d, "log.jsonl").read_text().strip())
     {"kind": "step", "step": 10, "loss": 0.5}
     {"kind": "epoch", "epoch": 0, "step": 10, "loss": 0.5}
 """

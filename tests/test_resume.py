@@ -677,7 +677,7 @@ def test_a_storm_of_sigkills_resumes_bit_exactly_and_leaves_nothing_behind(tmp_p
     directory, out = tmp_path / "run", tmp_path / "result.ll"
     rng = random.Random(0)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    kills, deadline = 0, time.monotonic() + 30
+    kills, deadline = 0, time.monotonic() + 22
     while True:
         child = subprocess.Popen(
             [sys.executable, "-c", _STORM, str(ROOT), str(directory), str(out)],
@@ -709,7 +709,7 @@ def test_a_storm_of_sigkills_resumes_bit_exactly_and_leaves_nothing_behind(tmp_p
             ".looplib.lock",
             "history.jsonl",
         }
-    assert kills >= 3
+    assert kills >= 2
     tree, extra = ll.load_with_extra(out)
     assert_trees_equal(tree["state"], expected.state)
     assert without_time(extra["history"]) == without_time(expected.history)
