@@ -8,11 +8,12 @@ by composing transformers, and the whole training state is one pytree.
 ['buffers', 'metrics', 'opt_state', 'params', 'slots', 'step']
 """
 
-from . import optim, schedules
+from . import loggers, optim, schedules
 from ._accumulate import AccumulateState, accumulate
 from ._checkpoint import export, load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
 from ._compile import CompiledStep, CompileError, compile
+from ._data import batches_used
 from ._distributed import (
     agree,
     all_reduce_metrics,
@@ -23,8 +24,11 @@ from ._distributed import (
     shard,
     world,
 )
-from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
+from ._epoch import epoch
+from ._fit import FitResult, evaluate, fit
 from ._fold import fold, scan
+from ._guard import NonFiniteLossError
+from ._resume import CheckpointError, Checkpoints
 from ._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._step import LossOutput, Step, donate, init, sample_count, train_step
@@ -39,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "CheckpointError",
+    "Checkpoints",
     "CompileError",
     "CompiledStep",
     "FitResult",
@@ -65,6 +71,7 @@ __all__ = [
     "compile",
     "donate",
     "early_stopping",
+    "epoch",
     "evaluate",
     "export",
     "fit",
@@ -74,6 +81,7 @@ __all__ = [
     "latest_checkpoint",
     "load",
     "load_with_extra",
+    "loggers",
     "never",
     "optim",
     "pmean",

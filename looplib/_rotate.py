@@ -179,7 +179,7 @@ class DirectoryLock:
                     func,
                     arg,
                     "must not be in use by another writer; this process already holds it (a "
-                    "DirectoryLock, or a fit run with it as checkpoint_dir)",
+                    "DirectoryLock, or a fit run checkpointing into it)",
                     root,
                     _BUSY,
                     BlockingIOError,

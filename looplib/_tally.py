@@ -31,6 +31,13 @@ class Tally(NamedTuple):
     updates: Tensor
     per_update: Metrics
 
+    def means(self) -> dict[str, Tensor]:
+        """The averages as 0-d tensors: loss-side metrics by weight, the others by update."""
+        tiny = torch.finfo(torch.float32).tiny
+        out = {k: s / self.weight.clamp(min=tiny) for k, s in self.weighted.items()}
+        out.update({k: s / self.updates.clamp(min=1) for k, s in self.per_update.items()})
+        return out
+
 
 def _zeros(state: TrainState, loss_keys: set[str]) -> Tally:
     device = state.step.device
@@ -84,13 +91,3 @@ def tally() -> Stage:
         return apply
 
     return Stage("tally()", wrap, init=init, slot=SLOT)
-
-
-def means(tally: Tally) -> dict[str, Tensor]:
-    """The epoch's averages as 0-d tensors: loss-side by weight, the others by update."""
-    out = {
-        k: s / tally.weight.clamp(min=torch.finfo(torch.float32).tiny)
-        for k, s in tally.weighted.items()
-    }
-    out.update({k: s / tally.updates.clamp(min=1) for k, s in tally.per_update.items()})
-    return out

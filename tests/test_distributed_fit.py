@@ -84,7 +84,7 @@ def fit_worker(rank: int, world_size: int, init_method: str, out_dir: str) -> No
             max_epochs=EPOCHS,
             stop=stop(),
             progress=False,
-            checkpoint_dir=ckpt,
+            checkpoints=ll.Checkpoints(ckpt),
         )
         ll.check_same_state(result.state)
         try:

@@ -358,39 +358,48 @@ FIT: Table = {
             ),
             "train_fraction": (st.floats(0.01, 1.0), bad_fraction(low_open=True)),
             "overfit_fraction": (st.floats(0.0, 1.0), bad_fraction(low_open=False)),
-            "progress": (st.just(False), BAD_BOOL),
+            "progress": (
+                st.sampled_from([False, None]),
+                st.tuples(st.sampled_from([0, 1, "True", 1.0]), st.just(TypeError)),
+            ),
             "check_finite": (st.booleans(), BAD_BOOL),
             "resume": (st.booleans(), BAD_BOOL),
+            "shard": (st.booleans(), BAD_BOOL),
             "stop": (
                 st.sampled_from([None, ll.never, ll.early_stopping("loss")]),
                 st.tuples(st.sampled_from([3, "loss"]), st.just(TypeError)),
             ),
-            "checkpoint_every": (st.integers(1, 3), BAD_POSITIVE_INT),
-            "checkpoint_every_batches": (
-                st.one_of(st.none(), st.integers(1, 3)),
-                BAD_POSITIVE_INT.filter(lambda p: p[0] is not None),
+            "log_every": (st.integers(1, 3), BAD_POSITIVE_INT),
+            "on_step": (st.just(None), st.tuples(st.sampled_from([5, "f"]), st.just(TypeError))),
+            "on_epoch_end": (
+                st.just(None),
+                st.tuples(st.sampled_from([5, "f"]), st.just(TypeError)),
             ),
-            "keep_last": (st.integers(1, 3), BAD_POSITIVE_INT),
-            "keep_best": (st.integers(0, 2), BAD_NONNEGATIVE_INT),
+            "validate_with": (
+                st.just("params"),
+                st.tuples(st.sampled_from(["weights", "EMA", "ema"]), st.just(ValueError)),
+            ),
+            "checkpoints": (
+                st.just(None),
+                st.tuples(st.sampled_from(["dir", 3, {"directory": "d"}]), st.just(TypeError)),
+            ),
+            "loggers": (
+                st.just([]),
+                st.tuples(st.sampled_from(["log.csv", 3, None]), st.just(TypeError)),
+            ),
         },
         _fit_fix,
     )
 }
-CHECKPOINT_ARGS = {"checkpoint_every", "keep_last", "keep_best"}
 
 
 @given(configurations(FIT))
-def test_fit_rejects_bad_arguments_by_name(
-    tmp_path_factory: pytest.TempPathFactory, config: tuple
-) -> None:
+def test_fit_rejects_bad_arguments_by_name(config: tuple) -> None:
     _, kwargs, arg, exc = config
     model = nn.Linear(2, 1)
     opt = ll.optim.sgd(0.1)
     step = ll.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), opt)
     batches = [(torch.randn(3, 2), torch.randn(3, 1)) for _ in range(3)]
-    # The rotation arguments are checked when there is a checkpoint directory to rotate.
-    if arg in CHECKPOINT_ARGS or any(k in kwargs for k in CHECKPOINT_ARGS):
-        kwargs = {"checkpoint_dir": tmp_path_factory.mktemp("fit"), **kwargs}
     kwargs.setdefault("progress", False)
     if arg is None:
         result = ll.fit(step, ll.init(model, opt), batches, **kwargs)
@@ -399,6 +408,87 @@ def test_fit_rejects_bad_arguments_by_name(
     with pytest.raises(exc) as info:
         ll.fit(step, ll.init(model, opt), batches, **kwargs)
     assert_looplib_message(info, "fit", arg)
+
+
+def _pair_monitor_and_mode(kwargs: dict) -> dict:
+    if "monitor" in kwargs or "mode" in kwargs:
+        kwargs.setdefault("monitor", "val_loss")
+        kwargs.setdefault("mode", "min")
+    return kwargs
+
+
+CHECKPOINTS: Table = {
+    "Checkpoints": (
+        ll.Checkpoints,
+        {
+            "directory": (
+                st.just("runs/a"),
+                st.tuples(st.sampled_from([3, None]), st.just(TypeError)),
+            ),
+            "every_batches": (
+                st.one_of(st.none(), st.integers(1, 3)),
+                BAD_POSITIVE_INT.filter(lambda p: p[0] is not None),
+            ),
+            "every_epochs": (st.integers(1, 3), BAD_POSITIVE_INT),
+            "keep_last": (st.integers(1, 3), BAD_POSITIVE_INT),
+            "keep_best": (st.integers(0, 2), BAD_NONNEGATIVE_INT),
+            "monitor": (
+                st.just("val_loss"),
+                st.tuples(st.sampled_from([3, b"x"]), st.just(TypeError)),
+            ),
+            "mode": (
+                st.sampled_from(["min", "max"]),
+                st.one_of(
+                    st.tuples(st.sampled_from([3, True, 3j, ["min"]]), st.just(TypeError)),
+                    st.tuples(st.sampled_from(["auto", "MIN", ""]), st.just(ValueError)),
+                ),
+            ),
+        },
+        _pair_monitor_and_mode,
+    )
+}
+
+
+@given(configurations(CHECKPOINTS))
+def test_checkpoints_reject_bad_settings_by_name_without_a_run(config: tuple) -> None:
+    """Every setting is checked where the value is made, directory or not (nothing is written)."""
+    _, kwargs, arg, exc = config
+    kwargs = _pair_monitor_and_mode(kwargs)
+    if arg is None:
+        made = ll.Checkpoints(**kwargs)
+        assert made.keep_last == kwargs.get("keep_last", 3)
+        return
+    with pytest.raises(exc) as info:
+        ll.Checkpoints(**kwargs)
+    assert_looplib_message(info, "Checkpoints", arg)
+
+
+def test_checkpoints_monitor_and_mode_come_together() -> None:
+    with pytest.raises(ValueError, match=r"^Checkpoints\(mode=None\): mode must be 'min' or 'max'"):
+        ll.Checkpoints("d", monitor="val_loss")
+    with pytest.raises(ValueError, match=r"^Checkpoints\(mode='min'\): mode must be None without"):
+        ll.Checkpoints("d", mode="min")
+    with pytest.raises(ValueError, match=r"^fit\(mode=None\): mode must be 'min' or 'max'"):
+        model = nn.Linear(2, 1)
+        step = ll.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), ll.optim.sgd(0.1))
+        ll.fit(step, ll.init(model, ll.optim.sgd(0.1)), [], monitor="val_loss")
+
+
+def test_helpers_validate_their_arguments() -> None:
+    with pytest.raises(ValueError, match=re.escape("batches_used(n=-5): n must be a non-negative")):
+        ll.batches_used(-5, 0.5)
+    with pytest.raises(ValueError, match=re.escape("batches_used(fraction=1.5): fraction must")):
+        ll.batches_used(5, 1.5)
+    with pytest.raises(TypeError, match=re.escape("batches_used(fraction='x'): fraction must")):
+        ll.batches_used(5, "x")
+    model = nn.Linear(2, 1)
+    step = ll.train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), ll.optim.sgd(0.1))
+    with pytest.raises(TypeError, match=re.escape("evaluate(state=5): state must be a looplib")):
+        ll.evaluate(step, 5, [])
+    with pytest.raises(TypeError, match=re.escape("evaluate(batches=5): batches must be an")):
+        ll.evaluate(step, ll.init(model, ll.optim.sgd(0.1)), 5)
+    with pytest.raises(TypeError, match=re.escape("epoch(after=5): after must be a function")):
+        ll.epoch(step, ll.init(model, ll.optim.sgd(0.1)), [], after=5)
 
 
 def test_min_epochs_above_max_epochs_names_min_epochs() -> None:
@@ -614,7 +704,7 @@ def test_keyboard_interrupt_gets_no_note() -> None:
 
 
 def test_long_batches_are_summarised() -> None:
-    from looplib._fit import layout
+    from looplib._epoch import layout
 
     seqs = [torch.zeros(i + 1) for i in range(40)]
     text = layout((seqs, torch.zeros(40, dtype=torch.int64)))

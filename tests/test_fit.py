@@ -301,10 +301,13 @@ def test_continuing_a_history_counts_epochs_on() -> None:
 
 
 # -- early stopping -----------------------------------------------------------------------------
-def test_default_stop_with_val_is_early_stopping_on_val_loss_patience_3() -> None:
+def test_no_early_stopping_unless_asked_for() -> None:
     step, state = setup(lr=0.0)  # val_loss never changes: only epoch 0 improves
     batches = tagged_batches(2)
-    result = fit(step, state, batches, batches, max_epochs=50, progress=False)
+    result = fit(step, state, batches, batches, max_epochs=7, progress=False)
+    assert len(result.history) == 7 and result.stop_reason == "max_epochs=7 reached"
+    stop = ll.early_stopping("val_loss", patience=3)
+    result = fit(step, state, batches, batches, max_epochs=50, stop=stop, progress=False)
     assert len(result.history) == 4
     assert result.stop_reason.startswith(
         "early_stopping(monitor='val_loss'): no improvement greater than 0.0 in 3 consecutive "
@@ -483,10 +486,11 @@ def test_history_averages_against_a_hand_written_loop() -> None:
         assert entry["val_mae"] == pytest.approx(vmae)
         assert entry["time"] > 0
         assert entry["lr"] == pytest.approx(LR)  # the learning rate, with no user code
-        assert set(entry) == {
+        assert list(entry) == [  # a fixed order
             "epoch",
             "step",
             "batches",
+            "skipped",
             "loss",
             "mae",
             "lr",
@@ -494,9 +498,9 @@ def test_history_averages_against_a_hand_written_loop() -> None:
             "val_loss",
             "val_mae",
             "time",
-        }
+        ]
         for key, value in entry.items():
-            expected_type = int if key in ("epoch", "step", "batches") else float
+            expected_type = int if key in ("epoch", "step", "batches", "skipped") else float
             assert type(value) is expected_type, (key, type(value))
 
 
@@ -547,33 +551,106 @@ def test_one_host_sync_per_epoch_for_metrics(monkeypatch: pytest.MonkeyPatch) ->
 
     quiet = syncs(3, check_finite=False)
     assert quiet == syncs(12, check_finite=False)  # independent of the number of batches
-    assert quiet <= 2 * 2  # per epoch: the metric means, and the step count for the history
-    # The documented finiteness check reads the loss once per batch.
-    assert syncs(12) - syncs(3) == 2 * (12 - 3)
+    assert syncs(3) == syncs(12)  # the guard is read where fit reads anyway
+    # Per epoch: one read at the end (the pending values, the step), the guard's check, and the
+    # epoch's sums; at start, the step count.
+    assert syncs(12) <= 1 + 2 * 3
+    # A read point every log_every updates: one stacked read and the guard's check.
+    assert syncs(12, log_every=1) - syncs(3, log_every=1) == 2 * (12 - 3) * 2
+    assert syncs(12, log_every=3) - syncs(3, log_every=3) == 2 * (4 - 1) * 2
 
 
 # -- non-finite loss ----------------------------------------------------------------------------
+def finite_state(state: ll.TrainState) -> bool:
+    leaves = [*state.params.values(), *optree.tree_leaves(state.opt_state)]
+    return all(bool(torch.isfinite(x).all()) for x in leaves if x.is_floating_point())
+
+
 def test_non_finite_loss_raises_and_keeps_the_last_good_state() -> None:
     epochs = [tagged_batches(4, sizes=(2, 3)) for _ in range(2)]
     epochs[1][2] = (torch.full((3, 2), math.nan), torch.zeros(3), torch.zeros(3))
     step, state = setup()
     with pytest.raises(
-        NonFiniteLossError, match=re.escape("fit: the training loss is nan at epoch 1, batch 2;")
-    ) as info:
+        NonFiniteLossError, match=re.escape("fit: an update at step 6 was not")
+    ) as e:
         fit(step, state, lambda e: epochs[e], max_epochs=5, progress=False)
-    err = info.value
-    assert (err.epoch, err.batch) == (1, 2)
+    err = e.value
+    assert (err.epoch, err.step) == (1, 6)
     assert len(err.history) == 1
 
     good = state
     for batch in epochs[0]:
         good = step(good, batch)
-    good = step.flush(good)
     for batch in epochs[1][:2]:
         good = step(good, batch)
     assert int(err.state.step) == int(good.step) == 6
-    assert same_params(err.state, good)
-    assert all(bool(torch.isfinite(p).all()) for p in err.state.params.values())
+    assert same_params(err.state, good)  # frozen at the last good update, not trained past it
+    assert finite_state(err.state)
+
+
+def nan_gradient(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """A finite loss whose gradient is NaN on batches marked by id 13 (d/dx sqrt(x) at 0)."""
+    out = model(batch[0]).squeeze(-1)
+    loss = (out - batch[1]).pow(2).mean()
+    if int(batch[2][0]) == 13:
+        loss = loss + torch.sqrt((out.sum() * 0) ** 2)
+    return loss
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_finite_loss_with_a_nan_gradient_never_reaches_the_state(tmp_path, optimizer) -> None:
+    model = nn.Linear(2, 1)
+    opt = ll.optim.sgd(LR) if optimizer == "sgd" else ll.optim.adam(0.01)
+    step = ll.train_step(model, nan_gradient, opt)
+    state = ll.init(model, opt)
+    batches = tagged_batches(6)
+    bad = [*batches[:3], tagged_batches(1, start=13)[0], *batches[3:]]
+    ckpts = ll.Checkpoints(tmp_path, every_batches=1, keep_last=100)
+    with pytest.raises(NonFiniteLossError) as e:
+        fit(step, state, bad, max_epochs=2, progress=False, checkpoints=ckpts)
+    assert int(e.value.state.step) == 3 and finite_state(e.value.state)
+    reference = ll.fold(step, state, batches[:3])
+    assert same_params(e.value.state, reference)
+    for path in tmp_path.glob("ckpt-*"):  # every checkpoint saved is finite and before the NaN
+        saved = ll.load(path)["state"]
+        assert finite_state(saved) and int(saved.step) <= 3
+
+
+def test_skip_nonfinite_in_the_chain_skips_and_counts_inside_fit() -> None:
+    step, state = setup(nan_gradient)
+    step = ll.skip_nonfinite(2)(step)
+    good = tagged_batches(4)
+    bad = tagged_batches(1, start=13)[0]
+    epochs = [[*good[:2], bad, *good[2:]], good, [bad, *good]]
+    result = fit(step, state, lambda e: epochs[e], max_epochs=3, progress=False)
+    assert [h["skipped"] for h in result.history] == [1, 0, 1]
+    assert [h["step"] for h in result.history] == [4, 8, 12]
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    # The skipped batch is left out of the epoch's loss: it equals the mean over the good ones.
+    s = state
+    losses = []
+    for batch in good[:2]:
+        s = step(s, batch)
+        losses.append(float(s.metrics["loss"]))
+    s = step(s, bad)
+    for batch in good[2:]:
+        s = step(s, batch)
+        losses.append(float(s.metrics["loss"]))
+    assert result.history[0]["loss"] == pytest.approx(sum(losses) / 4)
+    # With check_finite=False the explicit skip still applies: the epoch's loss stays finite.
+    quiet = fit(step, state, lambda e: epochs[e], max_epochs=3, check_finite=False, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in quiet.history)
+    assert [h["skipped"] for h in quiet.history] == [1, 0, 1]
+
+
+def test_too_many_skips_raise_the_skip_error_with_a_finite_state() -> None:
+    step, state = setup(nan_gradient)
+    step = ll.skip_nonfinite(0)(step)
+    bad = tagged_batches(2, start=13)
+    bad = [bad[0], tagged_batches(1, start=13)[0]]
+    with pytest.raises(ll.NonFiniteGradientError) as e:
+        fit(step, state, [*tagged_batches(2), *bad], max_epochs=1, progress=False)
+    assert int(e.value.state.step) == 2 and finite_state(e.value.state)
 
 
 def test_check_finite_false_continues() -> None:
@@ -661,7 +738,19 @@ BAD_ARGUMENTS = [
         "fit(stop=42): stop must be a predicate history -> bool, or None, got 42.",
     ),
     ({"max_steps": 0}, ValueError, "fit(max_steps=0): max_steps must be a positive int, got 0."),
-    ({"progress": 1}, TypeError, "fit(progress=1): progress must be a bool, got 1."),
+    ({"progress": 1}, TypeError, "fit(progress=1): progress must be True, False or None, got 1."),
+    ({"log_every": 0}, ValueError, "fit(log_every=0): log_every must be a positive int, got 0."),
+    (
+        {"on_epoch_end": 5},
+        TypeError,
+        "fit(on_epoch_end=5): on_epoch_end must be a function, or None, got 5.",
+    ),
+    ({"monitor": "val_loss"}, ValueError, "fit(mode=None): mode must be 'min' or 'max' with"),
+    (
+        {"validate_with": "ema"},
+        ValueError,
+        "fit(validate_with='ema'): validate_with 'ema' needs ll.ema in the step's chain",
+    ),
 ]
 
 

@@ -16,6 +16,8 @@ import looplib as ll
 
 PUBLIC = [
     "AccumulateState",
+    "CheckpointError",
+    "Checkpoints",
     "CompileError",
     "CompiledStep",
     "FitResult",
@@ -42,6 +44,7 @@ PUBLIC = [
     "compile",
     "donate",
     "early_stopping",
+    "epoch",
     "evaluate",
     "export",
     "fit",
@@ -51,6 +54,7 @@ PUBLIC = [
     "latest_checkpoint",
     "load",
     "load_with_extra",
+    "loggers",
     "never",
     "optim",
     "pmean",

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,7 +342,9 @@ def reshuffled(epoch: int) -> list[Any]:
     return [(X[order[i : i + BATCH]], Y[order[i : i + BATCH]]) for i in range(0, N_SAMPLES, BATCH)]
 
 
-def fit_run(loss: Loss, **kwargs: Any) -> ll.FitResult:
+def fit_run(
+    loss: Loss, directory: Any = None, ckpt: dict[str, Any] | None = None, **kwargs: Any
+) -> ll.FitResult:
     """One call of ``fit`` as a training script makes it: seed torch, build, fit."""
     torch.manual_seed(0)
     model = mlp(dropout=0.3, batchnorm=True)  # dropout draws from the global generator
@@ -355,6 +358,8 @@ def fit_run(loss: Loss, **kwargs: Any) -> ll.FitResult:
         "stop": ll.early_stopping("val_loss", patience=2),
         "progress": False,
     }
+    if directory is not None:
+        options["checkpoints"] = ll.Checkpoints(directory, **(ckpt or {}))
     return ll.fit(step, ll.init(model, opt), reshuffled, **(options | kwargs))
 
 
@@ -407,12 +412,7 @@ def test_interrupted_fit_resumes_to_the_same_state_and_history(
 ) -> None:
     expected, calls = reference()
     directory = tmp_path_factory.mktemp("ckpt")
-    kwargs = {
-        "checkpoint_dir": directory,
-        "checkpoint_every_batches": every_batches,
-        "checkpoint_every": every,
-        "keep_last": keep_last,
-    }
+    ckpt = {"every_batches": every_batches, "every_epochs": every, "keep_last": keep_last}
     # Each interrupt is at a call of the loss counted from the start of the call of fit that
     # it interrupts; the run is restarted by calling fit again with the same directory. With
     # two, each falls in the first half, so that the resumed run still reaches the second.
@@ -420,45 +420,48 @@ def test_interrupted_fit_resumes_to_the_same_state_and_history(
     for fraction in interrupts:
         loss = Loss(interrupt_at=(1 + int(fraction * span),))
         with pytest.raises(KeyboardInterrupt):
-            fit_run(loss, **kwargs)
-    assert_same_run(fit_run(Loss(), **kwargs), expected)
+            fit_run(loss, directory, ckpt)
+    assert_same_run(fit_run(Loss(), directory, ckpt), expected)
 
 
 def test_checkpointing_does_not_change_the_run(tmp_path: Path) -> None:
     expected, _ = reference()
-    assert_same_run(fit_run(Loss(), checkpoint_dir=tmp_path, checkpoint_every_batches=1), expected)
+    assert_same_run(fit_run(Loss(), tmp_path, {"every_batches": 1}), expected)
 
 
 def test_a_finished_run_stays_finished(tmp_path: Path) -> None:
     expected, _ = reference()
-    assert_same_run(fit_run(Loss(), checkpoint_dir=tmp_path), expected)
+    assert_same_run(fit_run(Loss(), tmp_path), expected)
     again = Loss()
-    assert_same_run(fit_run(again, checkpoint_dir=tmp_path, max_epochs=50), expected)
+    assert_same_run(fit_run(again, tmp_path, max_epochs=50), expected)
     assert again.calls == 0
 
 
 def test_a_run_ended_by_max_epochs_extends_as_if_never_stopped(tmp_path: Path) -> None:
     expected, _ = reference()
-    first = fit_run(Loss(), checkpoint_dir=tmp_path, max_epochs=2)
+    first = fit_run(Loss(), tmp_path, max_epochs=2)
     assert len(first.history) == 2 and first.stop_reason == "max_epochs=2 reached"
-    assert_same_run(fit_run(Loss(), checkpoint_dir=tmp_path), expected)
+    assert_same_run(fit_run(Loss(), tmp_path), expected)
 
 
 def test_resume_false_starts_over(tmp_path: Path) -> None:
     expected, _ = reference()
-    fit_run(Loss(), checkpoint_dir=tmp_path, max_epochs=2)
-    assert_same_run(fit_run(Loss(), checkpoint_dir=tmp_path, resume=False), expected)
+    fit_run(Loss(), tmp_path, max_epochs=2)
+    assert_same_run(fit_run(Loss(), tmp_path, resume=False), expected)
+
+
+BEST = {"every_batches": 2, "keep_last": 2, "keep_best": 1, "monitor": "val_loss", "mode": "min"}
 
 
 def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
     ends: list[tuple[ll.TrainState, dict[str, float]]] = []
     result = fit_run(
         Loss(),
-        checkpoint_dir=tmp_path,
-        checkpoint_every_batches=2,
-        keep_last=2,
-        keep_best=1,
+        tmp_path,
+        BEST,
         on_epoch_end=lambda state, entry: ends.append((state, dict(entry))),
+        monitor="val_loss",
+        mode="min",
     )
     assert_same_run(result, reference()[0])
     # Every 2 batches (5 an epoch) and at every epoch end, tagged by batches run in all.
@@ -476,55 +479,59 @@ def test_rotation_keeps_the_latest_and_the_best(tmp_path: Path) -> None:
     best = ll.best_checkpoint(tmp_path)
     assert best == tmp_path / ckpt(5 * (best_epoch + 1))
     assert_trees_equal(ll.load(best)["state"], ends[best_epoch][0])
-    # Nothing else is left behind (no temporary files of the atomic writes); the lock file stays.
+    # result.best is that state, also after resuming a finished run.
+    assert result.best is not None
+    assert_trees_equal(result.best, ends[best_epoch][0])
+    again = fit_run(Loss(), tmp_path, BEST, monitor="val_loss", mode="min")
+    assert again.best is not None
+    assert_trees_equal(again.best, ends[best_epoch][0])
+    # Nothing else is left behind; the history is one JSON line per epoch.
     assert {p.name for p in tmp_path.iterdir()} == {
         *(ckpt(t) for t in kept),
         "index.json",
         ".looplib.lock",
+        "history.jsonl",
     }
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == result.history
+
+
+def test_every_checkpoint_carries_the_same_small_metadata(tmp_path: Path) -> None:
+    """The history lives in history.jsonl; a checkpoint does not grow with the run."""
+    fit_run(Loss(), tmp_path, {"every_batches": 1, "keep_last": 100})
+    # Two sizes: mid-epoch checkpoints also hold the generator states of the epoch's start.
+    sizes = {p.stat().st_size for p in tmp_path.glob("ckpt-*")}
+    assert len(sizes) == 2, sizes
+    _, extra = ll.load_with_extra(ll.latest_checkpoint(tmp_path))
+    assert "history" not in extra and extra["epochs"] == len(reference()[0].history)
 
 
 @settings(max_examples=6)
 @given(bad=st.integers(1, 25), every_batches=st.sampled_from([None, 1, 3]))
-def test_a_nan_loss_saves_the_last_good_state_and_resumes_exactly(
+def test_a_nan_loss_never_reaches_a_checkpoint_and_resumes_exactly(
     tmp_path_factory: pytest.TempPathFactory, bad: int, every_batches: int | None
 ) -> None:
     expected, _ = reference()
     directory = tmp_path_factory.mktemp("nan")
-    kwargs = {"checkpoint_dir": directory, "checkpoint_every_batches": every_batches}
+    options = {"every_batches": every_batches, "keep_last": 100}
     with pytest.raises(ll.NonFiniteLossError) as info:
-        fit_run(Loss(nan_at=(bad,)), **kwargs)
+        fit_run(Loss(nan_at=(bad,)), directory, options)
     err = info.value
-    assert (err.epoch, err.batch) == divmod(bad - 1, 5)
-    saved = ll.load(ll.latest_checkpoint(directory))["state"]
-    assert_trees_equal(saved, err.state)
-    assert all(bool(torch.isfinite(p).all()) for p in err.state.params.values())
-    # Once the cause is gone (here the NaN was a one-off), the run resumes from the last good
-    # state with the same data order and random draws, as if the bad batch had never failed.
-    assert_same_run(fit_run(Loss(), **kwargs), expected)
+    assert err.epoch == (bad - 1) // 5
+    assert finite(err.state)
+    # The state is frozen at the last good update: the window (of 2) before the bad batch.
+    assert int(err.state.step) == len(err.history) * 3 + ((bad - 1) % 5) // 2
+    for path in directory.glob("ckpt-*"):
+        saved = ll.load(path)["state"]
+        assert finite(saved) and int(saved.step) <= int(err.state.step)
+    # Once the cause is gone (here the NaN was a one-off), the run resumes from the latest
+    # checkpoint with the same data order and random draws, as if the bad batch never failed.
+    assert_same_run(fit_run(Loss(), directory, options), expected)
 
 
-@pytest.mark.parametrize("resumed", [False, True])
-def test_a_nan_right_after_an_epoch_end_checkpoint_keeps_the_best(
-    tmp_path: Path, resumed: bool
-) -> None:
-    """With keep_last=1, keep_best=1 the last-good-state save before the NaN batch (no metric)
-    falls on the tag of the epoch-end checkpoint that holds that state: it keeps its rank."""
-    kwargs: dict[str, Any] = {"checkpoint_dir": tmp_path, "keep_last": 1, "keep_best": 1}
-    if resumed:  # interrupted at epoch 2's first batch (7 loss calls an epoch), then resumed
-        with pytest.raises(KeyboardInterrupt):
-            fit_run(Loss(interrupt_at=(15,)), **kwargs)
-    with pytest.raises(ll.NonFiniteLossError) as info:
-        fit_run(Loss(nan_at=(1,) if resumed else (11,)), **kwargs)
-    err = info.value
-    assert (err.epoch, err.batch) == (2, 0)
-    best = ll.best_checkpoint(tmp_path)
-    assert best is not None and best.name in {ckpt(5), ckpt(10)}
-    ranked = {e["val_loss"]: ckpt(5 * (i + 1)) for i, e in enumerate(err.history)}
-    assert best.name == ranked[min(ranked)]
-    assert ll.latest_checkpoint(tmp_path) == tmp_path / ckpt(10)
-    assert_trees_equal(ll.load(tmp_path / ckpt(10))["state"], err.state)
-    assert_same_run(fit_run(Loss(), **kwargs), reference()[0])
+def finite(state: ll.TrainState) -> bool:
+    leaves = [*state.params.values(), *optree.tree_leaves(state.opt_state)]
+    return all(bool(torch.isfinite(x).all()) for x in leaves if x.is_floating_point())
 
 
 def test_a_nan_loss_resumes_into_the_same_error(tmp_path: Path) -> None:
@@ -538,15 +545,15 @@ def test_a_nan_loss_resumes_into_the_same_error(tmp_path: Path) -> None:
     errors = []
     for _ in range(2):
         with pytest.raises(ll.NonFiniteLossError) as info:
-            fit_run(NanOnShortBatches(), checkpoint_dir=tmp_path, checkpoint_every_batches=1)
+            fit_run(NanOnShortBatches(), tmp_path, {"every_batches": 1})
         errors.append(info.value)
-    assert [(e.epoch, e.batch) for e in errors] == [(0, 4), (0, 4)]
+    assert [(e.epoch, e.step) for e in errors] == [(0, 2), (0, 2)]
     assert_trees_equal(errors[0].state, errors[1].state)
 
 
 def test_a_corrupted_latest_checkpoint_is_reported_not_skipped(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
-        fit_run(Loss(interrupt_at=(17,)), checkpoint_dir=tmp_path, checkpoint_every_batches=2)
+        fit_run(Loss(interrupt_at=(17,)), tmp_path, {"every_batches": 2})
     latest = ll.latest_checkpoint(tmp_path)
     assert latest is not None
     data = bytearray(latest.read_bytes())
@@ -554,10 +561,156 @@ def test_a_corrupted_latest_checkpoint_is_reported_not_skipped(tmp_path: Path) -
     latest.write_bytes(bytes(data))
     loss = Loss()
     with pytest.raises(ValueError) as info:
-        fit_run(loss, checkpoint_dir=tmp_path, checkpoint_every_batches=2)
+        fit_run(loss, tmp_path, {"every_batches": 2})
     # The loader's own message names the file and the damage; a note says where it arose.
     assert latest.name in str(info.value)
     assert "must be an intact looplib checkpoint" in str(info.value)
     notes = getattr(info.value, "__notes__", [])
     assert any(n.startswith(f"fit: while resuming from {latest}") for n in notes), notes
     assert loss.calls == 0  # nothing ran: no silent restart from scratch
+
+
+# ------------------------------------------------------------------ another run's checkpoints
+def _linear_run(width: int, opt: ll.Optimizer, directory: Path, **kwargs: Any) -> ll.FitResult:
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 1)).double()
+    step = ll.train_step(model, mse_loss, opt)
+    data = [(X[i : i + BATCH], Y[i : i + BATCH]) for i in range(0, N_SAMPLES, BATCH)]
+    return ll.fit(
+        step, ll.init(model, opt), data, max_epochs=2, progress=False,
+        checkpoints=ll.Checkpoints(directory), **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("width", "opt", "message"),
+    [
+        (
+            32,
+            ll.optim.adam(0.01),
+            "state.params['0.weight'] is Tensor(shape=(16, 4), dtype=torch.float64) in the "
+            "checkpoint and Tensor(shape=(32, 4), dtype=torch.float64) in the state passed in",
+        ),
+        (16, ll.optim.sgd(0.01), "state.opt_state"),
+    ],
+)
+def test_another_runs_checkpoint_is_refused_by_name(
+    tmp_path: Path, width: int, opt: ll.Optimizer, message: str
+) -> None:
+    _linear_run(16, ll.optim.adam(0.01), tmp_path)
+    with pytest.raises(ValueError) as info:
+        _linear_run(width, opt, tmp_path)
+    text = str(info.value)
+    assert text.startswith(f"fit(checkpoints={str(tmp_path)!r}): the latest checkpoint there")
+    assert message in text and "Use another directory, or pass resume=False" in text
+    result = _linear_run(width, opt, tmp_path, resume=False)  # the way out
+    assert result.state.params["0.weight"].shape == (width, 4)
+
+
+# ------------------------------------------------------------------------ failures around saves
+def test_a_checkpoint_path_that_is_a_file_fails_before_training(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    loss = Loss()
+    with pytest.raises(NotADirectoryError, match=r"^fit\(checkpoints='.*file'\): checkpoints must"):
+        fit_run(loss, target)
+    assert loss.calls == 0
+
+
+def test_an_unwritable_directory_fails_before_training(tmp_path: Path) -> None:
+    (tmp_path / f".looplib-probe-{os.getpid()}").mkdir()  # the probe write fails
+    loss = Loss()
+    with pytest.raises(PermissionError, match="checkpoints must be a writable directory"):
+        fit_run(loss, tmp_path)
+    assert loss.calls == 0
+
+
+def test_a_failed_save_mid_run_keeps_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    import looplib._resume as resume
+
+    real, calls = resume.save_rotating, {"n": 0}
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_rotating", full_disk)
+    with pytest.raises(ll.CheckpointError) as info:
+        fit_run(Loss(), tmp_path, {"every_batches": 2})
+    err = info.value
+    assert str(tmp_path) in str(err) and "No space left on device" in str(err)
+    assert isinstance(err, OSError) and err.directory == tmp_path
+    assert int(err.state.step) > 0 and finite(err.state)
+    monkeypatch.setattr(resume, "save_rotating", real)
+    assert_same_run(fit_run(Loss(), tmp_path, {"every_batches": 2}), reference()[0])
+
+
+# ------------------------------------------------------------------------------ the crash storm
+_STORM = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import tests.test_resume as t; "
+    "t.storm_child(sys.argv[2], sys.argv[3])"
+)
+
+
+def storm_child(directory: str, out: str) -> None:
+    """A training script checkpointing at every batch; says when it is ready to be killed."""
+    print("ready", flush=True)
+    result = fit_run(Loss(), directory, {"every_batches": 1, "keep_last": 2})
+    ll.save(
+        {"state": result.state},
+        out,
+        extra={"history": result.history, "reason": result.stop_reason},
+    )
+
+
+def test_a_storm_of_sigkills_resumes_bit_exactly_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import random
+    import signal
+    import time
+
+    from looplib._resume import Checkpointer
+
+    expected, _ = reference()
+    directory, out = tmp_path / "run", tmp_path / "result.ll"
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    kills, deadline = 0, time.monotonic() + 22
+    while True:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STORM, str(ROOT), str(directory), str(out)],
+            stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        if time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.0, 0.4))
+        if child.poll() is None and time.monotonic() < deadline:
+            child.send_signal(signal.SIGKILL)
+            kills += 1
+        code = child.wait(timeout=120)
+        child.stdout.close()
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL
+        # The next run's start clears what the killed one left: temporaries, unlisted files.
+        starting = Checkpointer(ll.Checkpoints(directory))
+        starting.open()
+        listed = {p.name for p in directory.glob("ckpt-*")}
+        index = json.loads((directory / "index.json").read_text()) if listed else None
+        starting.close()
+        if index is not None:
+            assert listed == {row["file"] for row in index["checkpoints"]}
+        assert {p.name for p in directory.iterdir()} <= {
+            *listed,
+            "index.json",
+            ".looplib.lock",
+            "history.jsonl",
+        }
+    assert kills >= 2
+    tree, extra = ll.load_with_extra(out)
+    assert_trees_equal(tree["state"], expected.state)
+    assert without_time(extra["history"]) == without_time(expected.history)
+    assert extra["reason"] == expected.stop_reason

@@ -225,11 +225,9 @@ def test_a_second_live_writer_gets_a_clear_error(tmp_path: Path) -> None:
             DirectoryLock(tmp_path)
         model = torch.nn.Linear(1, 1)
         step = ll.train_step(model, lambda m, b: m(b).pow(2).mean(), ll.optim.sgd(0.1))
-        with pytest.raises(
-            BlockingIOError, match=re.escape(f"fit(checkpoint_dir={d}): checkpoint")
-        ):
+        with pytest.raises(BlockingIOError, match=re.escape(f"fit(checkpoints={d}): checkpoints")):
             ll.fit(step, ll.init(model, ll.optim.sgd(0.1)), [torch.ones(2, 1)], progress=False,
-                   checkpoint_dir=tmp_path)  # fmt: skip
+                   checkpoints=ll.Checkpoints(tmp_path))  # fmt: skip
         assert sorted(os.listdir(tmp_path)) == [LOCK]  # nothing written
     finally:
         child.kill()  # SIGKILL: the operating system releases its lock
@@ -246,7 +244,7 @@ def test_a_lock_held_in_this_process(tmp_path: Path) -> None:
         model = torch.nn.Linear(1, 1)
         step = ll.train_step(model, lambda m, b: m(b).pow(2).mean(), ll.optim.sgd(0.1))
         result = ll.fit(step, ll.init(model, ll.optim.sgd(0.1)), [torch.ones(2, 1)],
-                        max_epochs=2, progress=False, checkpoint_dir=tmp_path)  # fmt: skip
+                        max_epochs=2, progress=False, checkpoints=ll.Checkpoints(tmp_path))  # fmt: skip
         assert len(result.history) == 2
         save_rotating(tmp_path, [], tag=100)  # this process holds it: no conflict
         assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n"
@@ -267,6 +265,15 @@ def test_fit_releases_its_lock_however_it_ends(tmp_path: Path) -> None:
     step = ll.train_step(model, loss, ll.optim.sgd(0.1))
     state = ll.init(model, ll.optim.sgd(0.1))
     with pytest.raises(RuntimeError, match="bad batch"):
-        ll.fit(step, state, [-torch.ones(2, 1)], progress=False, checkpoint_dir=tmp_path)
-    ll.fit(step, state, [torch.ones(2, 1)], max_epochs=1, progress=False, checkpoint_dir=tmp_path)
+        ll.fit(
+            step, state, [-torch.ones(2, 1)], progress=False, checkpoints=ll.Checkpoints(tmp_path)
+        )
+    ll.fit(
+        step,
+        state,
+        [torch.ones(2, 1)],
+        max_epochs=1,
+        progress=False,
+        checkpoints=ll.Checkpoints(tmp_path),
+    )
     DirectoryLock(tmp_path).release()
