@@ -12,6 +12,7 @@ from . import optim, schedules
 from ._accumulate import AccumulateState, accumulate
 from ._checkpoint import export, load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
+from ._clip_value import clip_value
 from ._compile import CompiledStep, CompileError, compile
 from ._distributed import (
     agree,
@@ -23,8 +24,10 @@ from ._distributed import (
     shard,
     world,
 )
+from ._ema import ema, ema_params, with_ema_params
 from ._fit import FitResult, NonFiniteLossError, batches_used, evaluate, fit
 from ._fold import fold, scan
+from ._loss_scale import loss_scale
 from ._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
 from ._step import LossOutput, Step, donate, init, sample_count, train_step
@@ -62,9 +65,12 @@ __all__ = [
     "check_same_state",
     "clip",
     "clip_by_global_norm",
+    "clip_value",
     "compile",
     "donate",
     "early_stopping",
+    "ema",
+    "ema_params",
     "evaluate",
     "export",
     "fit",
@@ -74,6 +80,7 @@ __all__ = [
     "latest_checkpoint",
     "load",
     "load_with_extra",
+    "loss_scale",
     "never",
     "optim",
     "pmean",
@@ -93,6 +100,7 @@ __all__ = [
     "train_step",
     "unstack",
     "vmap",
+    "with_ema_params",
     "world",
     "__version__",
 ]
