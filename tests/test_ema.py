@@ -101,7 +101,9 @@ def test_against_averaged_model_in_a_hand_loop(compiled: bool) -> None:
     ref, averaged, applied = reference(model, batches, DECAY)
     assert applied == 54 and int(state.step) == 54
     assert int(state.slots[SLOT].count) == int(averaged.n_averaged) == 54
-    tol = {"rtol": 1e-9, "atol": 1e-11} if compiled else {"rtol": 1e-12, "atol": 1e-14}
+    tol: dict[str, Any] = (
+        {"rtol": 1e-9, "atol": 1e-11} if compiled else {"rtol": 1e-12, "atol": 1e-14}
+    )
     for name, p in ref.named_parameters():
         torch.testing.assert_close(state.params[name], p.detach(), **tol, msg=name)
     ema = ll.ema_params(state)

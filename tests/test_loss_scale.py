@@ -47,7 +47,12 @@ def scale_and_tracker(state: ll.TrainState) -> tuple[float, int]:
     return float(slot.scale), int(slot.growth_tracker)
 
 
-SCALER = {"init_scale": 2.0**10, "growth_factor": 2.0, "backoff_factor": 0.25, "growth_interval": 3}
+SCALER: dict[str, Any] = {
+    "init_scale": 2.0**10,
+    "growth_factor": 2.0,
+    "backoff_factor": 0.25,
+    "growth_interval": 3,
+}
 
 
 def torch_run(model: nn.Module, windows: list[list[Any]], scaler_args: dict[str, Any]):
