@@ -12,6 +12,7 @@ from . import loggers, optim, schedules
 from ._accumulate import AccumulateState, accumulate
 from ._checkpoint import export, load, load_with_extra, register_checkpoint_type, save
 from ._clip import clip, clip_by_global_norm
+from ._clip_value import clip_value
 from ._compile import CompiledStep, CompileError, compile
 from ._data import batches_used
 from ._distributed import (
@@ -24,10 +25,12 @@ from ._distributed import (
     shard,
     world,
 )
+from ._ema import ema, ema_params, with_ema_params
 from ._epoch import epoch
 from ._fit import FitResult, evaluate, fit
 from ._fold import fold, scan
 from ._guard import NonFiniteLossError
+from ._loss_scale import loss_scale
 from ._resume import CheckpointError, Checkpoints
 from ._rotate import best_checkpoint, latest_checkpoint, save_rotating
 from ._skip import NonFiniteGradientError, SkipState, skip_nonfinite
@@ -68,9 +71,12 @@ __all__ = [
     "check_same_state",
     "clip",
     "clip_by_global_norm",
+    "clip_value",
     "compile",
     "donate",
     "early_stopping",
+    "ema",
+    "ema_params",
     "epoch",
     "evaluate",
     "export",
@@ -82,6 +88,7 @@ __all__ = [
     "load",
     "load_with_extra",
     "loggers",
+    "loss_scale",
     "never",
     "optim",
     "pmean",
@@ -101,6 +108,7 @@ __all__ = [
     "train_step",
     "unstack",
     "vmap",
+    "with_ema_params",
     "world",
     "__version__",
 ]

@@ -14,6 +14,7 @@ from . import _validate as v
 from ._checkpoint import load_with_extra
 from ._data import epoch_source, exact_fraction, for_rank, is_reiterable, length
 from ._distributed import agree, all_reduce_metrics, broadcast_state, world
+from ._ema import with_ema_params
 from ._epoch import AnyStep, Where, check_step, layout, prepare, run_epoch
 from ._guard import MESSAGE, NonFiniteLossError
 from ._guard import SLOT as GUARD
@@ -179,7 +180,8 @@ def fit(
         history: the history of earlier epochs, to continue a run (epochs count on from it).
         check_finite: guard every update against non-finite values (see above).
         validate_with: ``"params"``, or ``"ema"`` to validate with the averaged weights of
-            ``ll.ema`` in the chain (``state.slots["ema"]`` in place of ``state.params``).
+            ``ll.ema`` in the chain (``ll.with_ema_params(state)``: the averaged params in place
+            of ``state.params``).
         checkpoints: a :class:`Checkpoints` (directory, how often, what to keep), or None.
         resume: with ``checkpoints``, continue from the latest checkpoint in the directory.
         loggers: loggers (``ll.loggers.CSV``, ``JSONL``, ``TensorBoard``) given each update's
@@ -530,7 +532,7 @@ class _Run:
         return entry, reset_tally(state)
 
     def with_ema(self, state: TrainState) -> TrainState:
-        return state._replace(params=dict(state.slots["ema"]))
+        return with_ema_params(state)
 
     def keep(self, epoch: int, state: TrainState, entry: dict[str, Any], history: History) -> None:
         """Log the entry, call on_epoch_end, track the best state, save the epoch's checkpoint."""
