@@ -79,17 +79,33 @@ def evaluate(step: AnyStep, state: TrainState, batches: Iterable[Any]) -> dict[s
             raise
     if not parts:
         return {}
-    floats = _floats(weighted_mean(parts))
+    means = weighted_mean(parts)
+    if means["weight"].numel() > 1:  # an ensemble: per member, and the members' mean
+        return _floats({k: m for k, m in means.items() if k != "weight"})
+    floats = _floats(means)
     total = floats.pop("weight")
     return all_reduce_metrics({k: x * total for k, x in floats.items()}, total)
 
 
 def _floats(metrics: Metrics) -> dict[str, float]:
-    """Tensors to Python floats with one host read (float64, so int counts stay exact)."""
+    """Tensors to Python floats with one host read (float64, so int counts stay exact).
+
+    An ensemble's metric (one value per member, see ``ll.vmap``) becomes ``name`` (the members'
+    mean) and ``name/0``, ``name/1``, ...: one number each, so the history, the loggers and the
+    stopping rules see floats either way.
+    """
     if not metrics:
         return {}
-    values = torch.stack([m.detach().reshape(()).to(torch.float64) for m in metrics.values()])
-    return dict(zip(metrics, values.cpu().tolist(), strict=True))
+    flat = [m.detach().reshape(-1).to(torch.float64) for m in metrics.values()]
+    values = torch.cat([torch.cat([f.mean().reshape(1), f]) if f.numel() > 1 else f for f in flat])
+    numbers = iter(values.cpu().tolist())
+    out: dict[str, float] = {}
+    for name, f in zip(metrics, flat, strict=True):
+        out[name] = next(numbers)
+        if f.numel() > 1:
+            for i in range(f.numel()):
+                out[f"{name}/{i}"] = next(numbers)
+    return out
 
 
 def fit(
@@ -509,6 +525,13 @@ class _Run:
     ) -> tuple[dict[str, Any], TrainState]:
         """The epoch's history entry (one host read of its sums); the state's sums reset."""
         sums: Tally = state.slots[TALLY]
+        if sums.weight.numel() > 1:  # an ensemble: each member's means, and their mean
+            entry = {"epoch": epoch, "step": int(state.step.reshape(-1)[0]), "batches": batches}
+            skip = state.slots[SKIP].total if SKIP in state.slots else None
+            entry["skipped"] = 0 if skip is None else int(skip.sum()) - self.skipped
+            self.skipped += entry["skipped"]
+            entry.update(_floats(sums.means()))
+            return entry, reset_tally(state)
         skip = (
             state.slots[SKIP].total.max()
             if SKIP in state.slots

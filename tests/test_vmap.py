@@ -155,3 +155,23 @@ def test_stack_and_vmap_check_their_arguments() -> None:
         TypeError, match=r"^vmap\(batch_axis='0'\): batch_axis must be None or an int"
     ):
         ll.vmap(step, batch_axis="0")
+
+
+def test_fit_trains_an_ensemble_and_records_each_member() -> None:
+    opt = ll.optim.sgd(0.1, momentum=0.9)
+    nets = []
+    for s in range(3):
+        torch.manual_seed(s)
+        nets.append(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double())
+    step = ll.chain(ll.accumulate(2), ll.clip(1.0))(ll.train_step(nets[0], loss, opt))
+    data, val = batches([4] * 6), batches([4, 4], seed=9)
+    starts = [step.init(ll.init(net, opt, seed=0), data[0]) for net in nets]
+    together = ll.fit(ll.vmap(step), ll.stack(starts), data, val, max_epochs=2, progress=False)
+    for i, start in enumerate(starts):
+        alone = ll.fit(step, start, data, val, max_epochs=2, progress=False)
+        for mine, theirs in zip(together.history, alone.history, strict=True):
+            for key in ("loss", "acc", "val_loss", "val_acc"):
+                assert mine[f"{key}/{i}"] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12)
+        assert_member_equal(ll.unstack(together.state)[i], alone.state)
+    last = together.history[-1]
+    assert last["val_loss"] == pytest.approx(sum(last[f"val_loss/{i}"] for i in range(3)) / 3)
