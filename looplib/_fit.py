@@ -526,12 +526,17 @@ class _Run:
         """The epoch's history entry (one host read of its sums); the state's sums reset."""
         sums: Tally = state.slots[TALLY]
         if sums.weight.numel() > 1:  # an ensemble: each member's means, and their mean
-            entry = {"epoch": epoch, "step": int(state.step.reshape(-1)[0]), "batches": batches}
-            skip = state.slots[SKIP].total if SKIP in state.slots else None
-            entry["skipped"] = 0 if skip is None else int(skip.sum()) - self.skipped
-            self.skipped += entry["skipped"]
-            entry.update(_floats(sums.means()))
-            return entry, reset_tally(state)
+            total = state.slots[SKIP].total if SKIP in state.slots else None
+            skipped = 0 if total is None else int(total.sum()) - self.skipped
+            self.skipped += skipped
+            members: dict[str, Any] = {
+                "epoch": epoch,
+                "step": int(state.step.reshape(-1)[0]),
+                "batches": batches,
+                "skipped": skipped,
+            }
+            members.update(_floats(sums.means()))
+            return members, reset_tally(state)
         skip = (
             state.slots[SKIP].total.max()
             if SKIP in state.slots
