@@ -69,7 +69,9 @@ def plan(
 
     Parameters are taken in reverse order; each (dtype, device) fills its own open bucket, which
     is closed when the next parameter would take it past ``bucket_bytes`` (a bucket holds at
-    least one parameter). The host bucket is the last one of the widest real dtype.
+    least one parameter). Buckets are launched in the order the backward pass completes them
+    (by their earliest parameter, latest first); the host bucket is the last one of the widest
+    real dtype.
     """
     open_: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     size: dict[tuple[torch.dtype, torch.device], int] = {}
@@ -84,6 +86,8 @@ def plan(
         open_[key].append(i)
         size[key] += nbytes
     closed.extend(open_.items())
+    # Launch order: the bucket whose earliest parameter comes latest is complete first.
+    closed.sort(key=lambda bucket: -min(bucket[1]))
     real = [key for key, _ in closed if not key[0].is_complex]
     if not real:
         return None
