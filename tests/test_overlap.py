@@ -155,9 +155,7 @@ def worker_overlap(rank: int, world_size: int, init_method: str, out_dir: str) -
             *_fold(ll.chain(ll.clip(1.0), pmean(bucket_mb=1e-6)), plain_batches)
         )
         model, opt = Mixed(), ll.optim.adam(0.05)
-        lone = ll.chain(ll.accumulate(2), pmean(bucket_mb=1e-6))(
-            ll.train_step(model, loss_fn, opt)
-        )
+        lone = ll.chain(ll.accumulate(2), pmean(bucket_mb=1e-6))(ll.train_step(model, loss_fn, opt))
         with Record() as record:
             state = ll.init(model, opt)
             for batch in plain_batches[:4]:  # step(state, batch): the position is a tensor
