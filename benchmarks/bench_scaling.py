@@ -14,6 +14,12 @@ scaling: the global batch grows with N). For every model the table shows:
   ``DistributedDataParallel`` on N, on the same batches from the same start;
 * speedup (N-process samples/s over 1-process samples/s) and efficiency (speedup / N).
 
+``--overlap`` (the default) runs ``pmean(bucket_mb=...)`` with its all-reduce overlapped with
+the backward pass (buckets launched from grad hooks, as DDP does); ``--no-overlap`` runs
+``pmean(overlap=False)``, one all-reduce once the whole gradient exists. ``--timeline N`` then
+records N more steps of the N-process looplib run: when each bucket's ``all_reduce`` was
+launched, relative to when ``torch.autograd.grad`` was entered and returned (rank 0 prints it).
+
 Each measurement is: burn-in steps, synchronise, time ``--steps`` steps, synchronise; the N-process
 time is the slowest rank's. A process uses one GPU (``LOCAL_RANK``), or on CPU
 ``cpu_count // LOCAL_WORLD_SIZE`` threads, in both the 1-process and the N-process runs. At the
@@ -73,12 +79,24 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--models", default="w2,large", help=f"comma-separated, from {sorted(MODELS)}"
     )
+    parser.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="overlap pmean's all-reduce with the backward pass (default: on)",
+    )
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="pmean(bucket_mb=...)")
+    parser.add_argument(
+        "--timeline", type=int, default=0, help="steps whose all-reduce launches to record"
+    )
     args = parser.parse_args()
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("--steps and --batch must be positive, --warmup non-negative")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.timeline < 0:
+        parser.error("--steps and --batch must be positive, --warmup and --timeline non-negative")
+    if not args.bucket_mb > 0:
+        parser.error("--bucket-mb must be positive")
     return args
 
 
@@ -145,14 +163,61 @@ def timed(run_one: Any, state: Any, batches: list[Any], args: argparse.Namespace
     return state, time.perf_counter() - start
 
 
+def looplib_step(model: nn.Module, args: argparse.Namespace, distributed: bool) -> ll.Step:
+    base = ll.train_step(model, loss_fn, ll.optim.adam(lr=args.lr))
+    if not distributed:
+        return base
+    return ll.chain(pmean(bucket_mb=args.bucket_mb, overlap=args.overlap))(base)
+
+
 def looplib_run(model: nn.Module, args, batches, device, distributed: bool):
-    opt = ll.optim.adam(lr=args.lr)
-    base = ll.train_step(model, loss_fn, opt)
-    step = ll.chain(pmean())(base) if distributed else base
-    state = ll.init(model, opt)
+    step = looplib_step(model, args, distributed)
+    state = ll.init(model, step.opt)
     if distributed:
         state = broadcast_state(state)
     return timed(step, state, batches, args, device)
+
+
+def timeline(model: nn.Module, args, batches, device) -> list[str]:
+    """Record ``args.timeline`` steps of the distributed looplib step: every all-reduce's
+    launch and every backward pass's start and end (``time.perf_counter``, this rank)."""
+    step = looplib_step(model, args, True)
+    state = broadcast_state(ll.init(model, step.opt))
+    state = step(state, batches[0])  # warm
+    reduces: list[tuple[float, bool]] = []
+    backwards: list[tuple[float, float]] = []
+    all_reduce, grad = dist.all_reduce, torch.autograd.grad
+
+    def recorded_all_reduce(*a: Any, **k: Any) -> Any:
+        reduces.append((time.perf_counter(), bool(k.get("async_op", False))))
+        return all_reduce(*a, **k)
+
+    def recorded_grad(*a: Any, **k: Any) -> Any:
+        entered = time.perf_counter()
+        out = grad(*a, **k)
+        sync(device)
+        backwards.append((entered, time.perf_counter()))
+        return out
+
+    dist.all_reduce, torch.autograd.grad = recorded_all_reduce, recorded_grad  # type: ignore
+    try:
+        for i in range(args.timeline):
+            state = step(state, batches[(i + 1) % POOL])
+        sync(device)
+    finally:
+        dist.all_reduce, torch.autograd.grad = all_reduce, grad  # type: ignore
+    per_step = len(reduces) // max(1, len(backwards))
+    lines = []
+    for i, (entered, returned) in enumerate(backwards):
+        mine = reduces[i * per_step : (i + 1) * per_step]
+        offsets = " ".join(f"{1e3 * (t - entered):.1f}" for t, _ in mine)
+        inside = sum(entered < t < returned for t, _ in mine)
+        lines.append(
+            f"  step {i}: backward {1e3 * (returned - entered):.1f} ms; {len(mine)} all_reduce "
+            f"({'async' if all(a for _, a in mine) else 'blocking'}) launched at +[{offsets}] "
+            f"ms; {inside}/{len(mine)} before the backward returned"
+        )
+    return lines
 
 
 def torch_run(model: nn.Module, args, batches, device, distributed: bool):
@@ -210,6 +275,9 @@ def main() -> None:
             continue
         state, ours = looplib_run(model, args, batches, device, distributed=True)
         ddp_params, theirs = torch_run(model, args, batches, device, distributed=True)
+        if args.timeline:
+            checks.append(f"{name}: launch timeline (rank {rank}), offsets from backward start:")
+            checks.extend(timeline(model, args, batches, device))
         check_same_state(state)  # raises on every rank if any rank's params differ
         weight = state.metrics["weight"]
         mean = all_reduce_metrics({"loss": state.metrics["loss"] * weight}, weight)["loss"]
@@ -241,7 +309,8 @@ def main() -> None:
         where = f"{device}" if device.type == "cuda" else f"cpu, {threads} threads/process"
         print(
             f"\nbench_scaling: backend={backend if world_size > 1 else 'none'} ({where}), "
-            f"batch {args.batch}/rank, Adam, {args.warmup} burn-in + {args.steps} timed steps"
+            f"batch {args.batch}/rank, Adam, {args.warmup} burn-in + {args.steps} timed steps; "
+            + (f"pmean(bucket_mb={args.bucket_mb:g})" if args.overlap else "pmean(overlap=False)")
         )
         header = (
             f"{'model':<6} {'params':>10} {'impl':<14} {'procs':>5} {'step ms':>9} "

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import optree
 import torch
 import torch.distributed as dist
 
+from . import _overlap
 from . import _validate as v
-from ._step import ApplyFn, Micro, Stage
+from ._step import ApplyFn, Backward, Micro, Stage
 from ._transform import Transformer, stage_transformer
 from ._tree import leaves_by_path
 from ._types import Metrics, Params, Tensor, TrainState, describe
@@ -201,7 +202,7 @@ def _weighted_mean(
     )
 
 
-def pmean(group: Any = None) -> Transformer:
+def pmean(group: Any = None, *, bucket_mb: float = 25.0, overlap: bool = True) -> Transformer:
     """Average the gradient over the ranks of a process group, weighted by each rank's weight.
 
     Each rank ``r`` holds the mean gradient ``g_r`` of its ``w_r`` samples (or tokens: the
@@ -226,6 +227,24 @@ def pmean(group: Any = None) -> Transformer:
     as often, for the same result. Put it before ``clip`` and ``track_norm`` so that they act on
     the global gradient.
 
+    With ``overlap`` (the default) the reduction runs while the backward pass still runs, as
+    DDP's does: the parameters are cut into buckets of about ``bucket_mb`` megabytes, in reverse
+    order, and each bucket's ``all_reduce`` is launched asynchronously as soon as the backward
+    pass has produced all its gradients; ``pmean``'s place in the chain waits for them. Under
+    ``accumulate(K)`` the window's closing micro-batch launches them, each bucket holding the
+    window's weighted sum (``accumulate``'s running sum plus this micro-batch's ``w * g``), so
+    it still communicates once per update. The results are those of the plain reduction: bit
+    for bit without ``accumulate`` on two ranks (the same products, summed elementwise; with
+    more ranks the summation order inside the all-reduce may depend on the buffer's layout);
+    under ``accumulate`` the plain reduction sends the window's mean times its weight, the
+    overlapped one the window's sum itself, which can differ in the last bit. The reduction is
+    not overlapped (it runs after the backward pass, as with ``overlap=False``) when
+    ``pmean`` is compiled (``ll.compile`` puts the collectives in the graph, where the
+    compiler schedules them), under ``ll.vmap``, when a stage other than ``accumulate`` comes
+    before it in the chain (``clip``, ``skip_nonfinite``, ...), when the window's position is
+    not known in Python (a lone ``step(state, batch)`` call with ``accumulate``, or
+    ``skip_nonfinite`` before it), and when no gradient is real-valued.
+
     Every rank of the group must call the step the same number of times (see :func:`shard` and
     :func:`agree`); a rank that stops early leaves the others waiting until the process group's
     ``timeout``. With a group of one rank ``pmean`` is the identity and communicates nothing.
@@ -234,6 +253,11 @@ def pmean(group: Any = None) -> Transformer:
         group: the process group to average over; ``None`` means the default group. The
             process group must be initialised (``torch.distributed.init_process_group``, or a
             ``torchrun`` launch) by the time the step first runs, not when ``pmean`` is built.
+        bucket_mb: the size of one overlapped all-reduce, in megabytes (2**20 bytes, counted
+            in the reduction dtype), a positive number; a parameter larger than that gets a
+            bucket of its own. Smaller buckets start communicating earlier, at more calls.
+        overlap: whether to overlap the reduction with the backward pass (see above); with
+            ``False`` one ``all_reduce`` per dtype runs once the whole gradient exists.
 
     Returns:
         a transformer with no state slot.
@@ -250,20 +274,47 @@ def pmean(group: Any = None) -> Transformer:
     if not dist.is_available():
         raise RuntimeError(NOT_AVAILABLE.format(func="pmean()"))
     _check_group("pmean", group)
-    name = "pmean()" if group is None else f"pmean(group={type(group).__name__})"
+    bucket_mb = v.positive("pmean", "bucket_mb", bucket_mb)
+    if not isinstance(overlap, bool):
+        v.fail("pmean", "overlap", "must be a bool", overlap, exc=TypeError)
+    options = [] if group is None else [f"group={type(group).__name__}"]
+    if bucket_mb != 25.0:
+        options.append(f"bucket_mb={bucket_mb:g}")
+    if not overlap:
+        options.append("overlap=False")
+    name = f"pmean({', '.join(options)})"
+    bucket_bytes = max(1, int(bucket_mb * _overlap.MB))
+    pending = _overlap.Pending()
+
+    def comm(device: torch.device) -> torch.device:
+        return _comm_device(group, device)
+
+    def before_backward(backward: Backward) -> Callable[[], None] | None:
+        pending.put(None)
+        if _require(name, group) == 1:
+            return None
+        inflight = _overlap.start(backward, bucket_bytes, group, comm)
+        pending.put(inflight)
+        return None if inflight is None else inflight.done
 
     def wrap(inner: ApplyFn) -> ApplyFn:
         def apply(state: TrainState, micro: Micro) -> TrainState:
             if _require(name, group) == 1:
                 return inner(state, micro)
-            grads, weight, metrics = _weighted_mean(micro.grads, micro.weight, micro.metrics, group)
+            inflight = pending.take(state)
+            if inflight is not None:
+                grads, weight, metrics = inflight.result(micro.grads, micro.weight, micro.metrics)
+            else:
+                grads, weight, metrics = _weighted_mean(
+                    micro.grads, micro.weight, micro.metrics, group
+                )
             return inner(
                 state, micro._replace(grads=grads, weight=weight, metrics=metrics, norms=None)
             )
 
         return apply
 
-    return stage_transformer(Stage(name, wrap))
+    return stage_transformer(Stage(name, wrap, overlap=before_backward if overlap else None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,7 +126,13 @@ class Stage(NamedTuple):
     hold a gradient back on a tensor condition (``skip_nonfinite``), so that a window after it
     cannot count its micro-batches in Python. ``scale(state)``, for a stage that scales the loss
     (``loss_scale``), gives the factor the loss is multiplied by before the backward pass; the
-    stage divides it out of the gradient itself.
+    stage divides it out of the gradient itself. ``overlap(backward) -> done | None`` lets a
+    stage start work on the gradient while the backward pass still produces it (``pmean``
+    launches its all-reduce per bucket of finished gradients): eager steps (not compiled, not
+    vmapped) call the first stage that has one just before ``torch.autograd.grad``, with a
+    :class:`Backward`; it may register grad hooks on ``backward.leaves`` and return ``done``,
+    called once the backward pass has returned (it ends what the hooks could not). The stage's
+    ``apply`` then picks up what the hooks started. ``None``: nothing to overlap this time.
     """
 
     name: str
@@ -138,6 +144,30 @@ class Stage(NamedTuple):
     check: Callable[[TrainState], None] | None = None
     holds: bool = False
     scale: Callable[[TrainState], Tensor] | None = None
+    overlap: Callable[[Backward], Callable[[], None] | None] | None = None
+
+
+class Backward(NamedTuple):
+    """What a stage's ``overlap`` sees just before the backward pass of one micro-batch.
+
+    Attributes:
+        state: the state the gradient is taken at (never written into).
+        position: the micro-batch's position in the accumulation window when known (a Python
+            int, see :class:`Micro`), else ``None``.
+        before: the stages in front of this one in the chain (they see the gradient first).
+        names: the parameter names, in the state's order.
+        leaves: the tensors the gradient is taken with respect to, in that order.
+        weight: the micro-batch's weight, as the stages will receive it.
+        metrics: its loss-side metrics, as the stages will receive them.
+    """
+
+    state: TrainState
+    position: int | None
+    before: tuple[Stage, ...]
+    names: list[str]
+    leaves: list[Tensor]
+    weight: Tensor
+    metrics: Metrics
 
 
 class Split(NamedTuple):
@@ -458,6 +488,7 @@ class Step:
         *,
         differentiate: bool,
         anchor: Tensor | None = None,
+        position: int | None = None,
     ) -> tuple[LossOutput, Any, list[Tensor]]:
         """Run the loss on the state's params and buffers; with ``differentiate``, also its
         gradient. Returns the loss output, the gradients and the buffers as the module left
@@ -468,10 +499,40 @@ class Step:
             self.model.train()
         if differentiate:
             leaves = leaves_of(params, anchor)
+            # Compiled steps (an anchor) take the whole gradient first: no hooks in the graph.
+            overlap = None if anchor is not None else self._overlap(state, position, leaves, batch)
             return self.forward(
-                leaves, buffers, key, batch, carry, grad=True, wrt=leaves, scale=self.scale(state)
+                leaves,
+                buffers,
+                key,
+                batch,
+                carry,
+                grad=True,
+                wrt=leaves,
+                scale=self.scale(state),
+                overlap=overlap,
             )
         return self.forward(params, buffers, key, batch, carry, grad=False)
+
+    def _overlap(
+        self, state: TrainState, position: int | None, leaves: list[Tensor], batch: Any
+    ) -> Callable[[LossOutput], Callable[[], None] | None] | None:
+        """The first stage's ``overlap`` (see :class:`Stage`) as a function of the loss output,
+        or None when no stage has one."""
+        i = next((i for i, s in enumerate(self.stages) if s.overlap is not None), None)
+        if i is None:
+            return None
+        start = self.stages[i].overlap
+        assert start is not None
+        before = self.stages[:i]
+
+        def before_backward(out: LossOutput) -> Callable[[], None] | None:
+            metrics = self._metrics(out, batch)
+            weight = metrics.pop("weight")
+            names = list(state.params)
+            return start(Backward(state, position, before, names, leaves, weight, metrics))
+
+        return before_backward
 
     def forward(
         self,
@@ -484,11 +545,14 @@ class Step:
         grad: bool,
         wrt: list[Tensor] | None = None,
         scale: Tensor | None = None,
+        overlap: Callable[[LossOutput], Callable[[], None] | None] | None = None,
     ) -> tuple[LossOutput, Any, list[Tensor]]:
         """The loss with ``params`` and (copies of) ``buffers`` swapped into the module, random
         numbers keyed by ``key``, autograd recording when ``grad``. With ``wrt``, also the
         gradient with respect to those tensors, taken while they are still in the module (so a
-        checkpointed block recomputes on them). Returns ``(loss output, grads, buffers)``."""
+        checkpointed block recomputes on them); ``overlap`` is called with the loss output just
+        before that backward pass, and what it returns just after (a stage's ``overlap``, see
+        :class:`Stage`). Returns ``(loss output, grads, buffers)``."""
         buffers = [b.clone() for b in buffers]
 
         def run() -> tuple[LossOutput, Any]:
@@ -507,7 +571,11 @@ class Step:
                     out.loss,
                 )
             target = out.loss if scale is None else out.loss * scale
-            return out, torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
+            done = overlap(out) if overlap is not None else None
+            grads = torch.autograd.grad(target, wrt, allow_unused=True, materialize_grads=True)
+            if done is not None:
+                done()
+            return out, grads
 
         (out, grads), buffers = self._swapper.call(params, buffers, run)
         return out, grads, buffers
@@ -551,14 +619,26 @@ class Step:
         return factor
 
     def gradient(
-        self, state: TrainState, batch: Any, carry: Any = NO_CARRY, anchor: Tensor | None = None
+        self,
+        state: TrainState,
+        batch: Any,
+        carry: Any = NO_CARRY,
+        anchor: Tensor | None = None,
+        position: int | None = None,
     ) -> GradOut:
         """Run the loss on ``batch`` and return its gradient with respect to ``state.params``
-        (``anchor``: see :func:`leaves_of`)."""
+        (``anchor``: see :func:`leaves_of`; ``position``: the micro-batch's window position when
+        known, for a stage's ``overlap``)."""
         if self.ensemble is not None:
             return self.ensemble.gradient(self, state, batch, carry, anchor)
         out, grads, buffers = self._loss(
-            state, state.slots[RNG], batch, carry, differentiate=True, anchor=anchor
+            state,
+            state.slots[RNG],
+            batch,
+            carry,
+            differentiate=True,
+            anchor=anchor,
+            position=position,
         )
         metrics = self._metrics(out, batch)
         weight = metrics.pop("weight")
@@ -652,7 +732,7 @@ class Step:
         for batch in batches:
             carry = NO_CARRY if self.split is None else None
             for chunk in self.chunks(batch):
-                out = self.gradient(state, chunk, carry, anchor)
+                out = self.gradient(state, chunk, carry, anchor, position)
                 slots = {**state.slots, RNG: _random.advance(state.slots[RNG])}
                 state = state._replace(buffers=out.buffers, slots=slots)
                 micro = Micro(out.grads, out.weight, out.metrics, position, inplace)
