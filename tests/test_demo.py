@@ -17,7 +17,7 @@ from torch import nn
 import looplib as ll
 from looplib import demo
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 QUICK_TEST_ACC = 0.93
 """The bar for ``--quick`` digits: measured 0.942 to 0.981 over seeds 0-7 (0.969 for seed 0)."""
@@ -136,25 +136,31 @@ def test_format_history() -> None:
     assert table.splitlines()[1].split() == ["0", "5", "1.2346", "0.50s"]
 
 
-def test_notebook_is_stored_without_outputs() -> None:
-    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+def test_the_quickstart_notebook_is_here() -> None:
+    assert "quickstart.ipynb" in [nb.name for nb in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(notebook: Path) -> None:
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes() -> None:
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(notebook: Path) -> None:
     reason = "executing the notebook needs nbformat, nbclient and ipykernel (looplib[test])"
     nbformat = pytest.importorskip("nbformat", reason=reason)
     nbclient = pytest.importorskip("nbclient", reason=reason)
     pytest.importorskip("ipykernel", reason=reason)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
         nb,
         timeout=300,
         kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        resources={"metadata": {"path": str(notebook.parent)}},
     )
     client.execute()
     errors = [
@@ -172,4 +178,4 @@ def test_quickstart_notebook_executes() -> None:
         for output in cell.outputs
         if "image/png" in output.get("data", {})
     ]
-    assert images, "the loss and grad-norm plots should render"
+    assert images, "the notebook's plots should render"

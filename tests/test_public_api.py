@@ -122,6 +122,29 @@ def test_version() -> None:
     assert ll.__version__ == "0.1.0"
 
 
+def test_the_package_metadata_takes_its_version_from_the_module() -> None:
+    # pyproject.toml declares the version dynamic, read from looplib.__version__: one source.
+    import importlib.metadata
+    import sys
+    from pathlib import Path
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text("utf-8")
+        project = tomllib.loads(text)
+        assert "version" not in project["project"]
+        assert project["project"]["dynamic"] == ["version"]
+        assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+            "attr": "looplib.__version__"
+        }
+    try:
+        installed = importlib.metadata.version("looplib")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("looplib is not installed (only imported from the checkout)")
+    assert installed == ll.__version__
+
+
 @pytest.mark.parametrize(
     "name",
     [
