@@ -120,10 +120,13 @@ def norm_type(func: str, arg: str, value: Any) -> float:
 def add_note(exc: BaseException, note: str) -> None:
     """Attach ``note`` to ``exc`` where it arose, keeping the error's type and message intact.
 
-    Python 3.11+ shows notes under the message in the traceback (``exc.__notes__``); on older
-    Pythons the note is appended to the message instead.
+    Python 3.11+ shows notes under the message in the traceback (``exc.__notes__``). Older
+    Pythons do not show notes, so there the note is also appended to the message; ``__notes__``
+    holds it on every version.
     """
     if hasattr(exc, "add_note"):
         exc.add_note(note)
-    elif exc.args and isinstance(exc.args[0], str):
+        return
+    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+    if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
