@@ -323,12 +323,6 @@ def _ranked(entries: list[_Entry], mode: str) -> list[int]:
     return sorted(scored, key=lambda i: sign * entries[i].metric)  # type: ignore[operator]
 
 
-def _metric(directory: Path, tag: int) -> float | None:
-    """The metric the index ranks checkpoint ``tag`` by (None if unranked or not listed)."""
-    _, entries = _read_index("fit", directory)
-    return next((e.metric for e in entries if e.tag == tag), None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Leftovers of a crash
 

@@ -10,7 +10,7 @@ import optree
 import torch
 
 from . import _ops
-from ._types import Params, Tensor, TrainState
+from ._types import Params, Tensor
 
 
 def zeros_like(params: Params) -> Params:
@@ -159,8 +159,3 @@ def shapes_only(tree: Any) -> Any:
         tree,
         none_is_leaf=True,
     )
-
-
-def without_metrics(state: TrainState) -> TrainState:
-    """The state with ``metrics`` set to None (an empty node), to compare the rest."""
-    return state._replace(metrics=None)  # type: ignore[arg-type]
