@@ -47,7 +47,7 @@ import torch
 
 from . import _tensorfile as tf
 from ._types import TrainState, describe
-from ._validate import fail
+from ._validate import fail, train_state
 
 __all__ = [
     "FORMAT",
@@ -408,8 +408,7 @@ def export(state: TrainState, path: str | os.PathLike[str]) -> Path:
     """
     func = "export"
     target = _as_path(func, path)
-    if not isinstance(state, TrainState):
-        fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+    train_state(func, state)
     tensors: list[tuple[str, torch.Tensor]] = []
     seen: dict[str, str] = {}
     for field in ("params", "buffers"):

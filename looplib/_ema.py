@@ -123,9 +123,7 @@ def ema(decay: float) -> Transformer:
 
 
 def _check(func: str, state: object) -> EmaState:
-    if not isinstance(state, TrainState):
-        v.fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
-    slot = state.slots.get(SLOT)
+    slot = v.train_state(func, state).slots.get(SLOT)
     if not isinstance(slot, EmaState):
         raise ValueError(NO_EMA.format(func=func))
     return slot

@@ -218,10 +218,7 @@ def epoch(
         (3, 3, ['loss', 'lr'])
     """
     check_step("epoch", step)
-    if not isinstance(state, TrainState):
-        v.fail(
-            "epoch", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
-        )
+    v.train_state("epoch", state)
     if not isinstance(batches, Iterable):
         v.fail("epoch", "batches", "must be an iterable of batches", batches, exc=TypeError)
     for name, value in (("reset", reset), ("flush", flush), ("guard", guard)):

@@ -260,10 +260,7 @@ class _Run:
         self, step: Any, state: Any, train: Any, val: Any, a: dict[str, Any], where: Any
     ) -> None:
         check_step("fit", step)
-        if not isinstance(state, TrainState):
-            v.fail(
-                "fit", "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError
-            )
+        v.train_state("fit", state)
         self.min_epochs = v.nonnegative_int("fit", "min_epochs", a["min_epochs"])
         self.max_epochs = v.positive_int("fit", "max_epochs", a["max_epochs"])
         if self.min_epochs > self.max_epochs:

@@ -49,8 +49,7 @@ def drive(
     after: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Run a looplib step over ``batches`` a window at a time (see :func:`fold`)."""
-    if not isinstance(state, TrainState):
-        v.fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+    v.train_state(func, state)
     stream = iter(batches)
     first = next(stream, _END)
     if first is _END:

@@ -389,7 +389,7 @@ class Step:
         transformer needs) takes an example batch. Idempotent: a complete state comes back as
         it is.
         """
-        _check_state("step.init", state)
+        v.train_state("step.init", state)
         loss: Metrics | None = None
         incomplete = "loss" not in state.metrics or any(
             s.slot is not None and s.init is not None and s.slot not in state.slots
@@ -439,7 +439,7 @@ class Step:
         """Raise, naming the path, if ``state`` does not fit this step: its params must have the
         model's names and shapes, and its structure, shapes and dtypes those of the states this
         step has seen. Costs one flatten of the state (no device access)."""
-        _check_state(func, state)
+        v.train_state(func, state)
         signature = _signature(state)
         if signature == self._known:
             return
@@ -743,7 +743,7 @@ class Step:
         return state
 
     def __call__(self, state: TrainState, batch: Any) -> TrainState:
-        _check_state("step", state)
+        v.train_state("step", state)
         state = self.init(state, batch)
         self.check_structure(state)
         new = self.run(state, (batch,))
@@ -826,11 +826,6 @@ def _flush_with(
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
-
-
-def _check_state(func: str, state: Any) -> None:
-    if not isinstance(state, TrainState):
-        v.fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
 
 
 def _signature(state: TrainState) -> tuple[Any, tuple[Any, ...]]:

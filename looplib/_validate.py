@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-from ._types import describe
+from ._types import TrainState, describe
 
 
 def fail(
@@ -130,3 +130,10 @@ def add_note(exc: BaseException, note: str) -> None:
     exc.__notes__ = [*getattr(exc, "__notes__", []), note]
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
+
+
+def train_state(func: str, state: Any) -> TrainState:
+    """``state``, checked to be a :class:`TrainState`."""
+    if not isinstance(state, TrainState):
+        fail(func, "state", "must be a looplib TrainState (from ll.init)", state, exc=TypeError)
+    return state
